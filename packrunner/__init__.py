@@ -1,0 +1,55 @@
+"""packrunner: an asynchronous online pack-runner for transformer encoders on static-shape devices.
+
+Clients submit ONE variable-length sample at a time; the runner packs queued samples into fixed
+``[batch_size, seq_len]`` batches (several samples per row, block-diagonal attention through
+segment ids, positions restarting per sample), runs them on a device thread and hands every
+caller its own outputs.
+"""
+
+from __future__ import annotations
+
+from packrunner._version import __version__
+from packrunner.config import PackAlgorithm, RunnerConfig
+from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.errors import (
+    ConfigError,
+    DeviceError,
+    InvalidSampleError,
+    OverloadedError,
+    PackRunnerError,
+    RequestTimeoutError,
+    RunnerClosedError,
+    RunnerNotStartedError,
+)
+from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
+from packrunner.runner import PackRunner, Result
+from packrunner.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice, simulated_reference
+from packrunner.stats import RunnerStats
+
+__all__ = [
+    "ConfigError",
+    "Device",
+    "DeviceError",
+    "InvalidSampleError",
+    "OutputLayout",
+    "OutputSpec",
+    "OverloadedError",
+    "PackAlgorithm",
+    "PackPlan",
+    "PackRunner",
+    "PackRunnerError",
+    "RequestTimeoutError",
+    "Result",
+    "RunnerClosedError",
+    "RunnerConfig",
+    "RunnerNotStartedError",
+    "RunnerStats",
+    "SEED_IPU_BATCH_LATENCY_US",
+    "SimulatedDevice",
+    "TensorSpec",
+    "__version__",
+    "build_feeds",
+    "plan_batch",
+    "simulated_reference",
+    "unpack_outputs",
+]

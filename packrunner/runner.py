@@ -1,0 +1,810 @@
+"""PackRunner: the engine and its thin blocking / asyncio entry points.
+
+Ownership model (the invariant the rest of the code relies on):
+
+* **Caller threads** (any number, any event loop) only validate their sample and append it to the
+  pending queue under ``_lock``. ``execute`` and ``execute_async`` share this one submit path.
+* **The engine thread** runs the runner's own private event loop (uvloop when installed). The
+  batching coroutine is the only code that plans, packs and unpacks batches and that resolves
+  futures; it sleeps on an event until an arrival, a deadline or a finished batch needs it.
+* **One worker thread per device** owns that device: it alone calls ``open``/``run``/``close``.
+
+Why a private loop rather than the caller's: the batcher's deadlines stay precise whatever the
+caller's loop is doing (a caller that blocks its own loop cannot stall everybody's batches), the
+runner serves many caller loops and plain threads at once, and sync and async callers exercise
+exactly the same machinery. The cost is one thread hop per result, paid once per batch per
+caller loop (results for one loop are delivered in a single ``call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from packrunner._samples import PreparedSample, SampleSchema
+from packrunner.config import PackAlgorithm, RunnerConfig
+from packrunner.device import Device, OutputSpec, TensorSpec
+from packrunner.errors import (
+    ConfigError,
+    DeviceError,
+    OverloadedError,
+    PackRunnerError,
+    RequestTimeoutError,
+    RunnerClosedError,
+    RunnerNotStartedError,
+)
+from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
+from packrunner.stats import RunnerStats
+
+__all__ = ["PackRunner", "Result"]
+
+logger = logging.getLogger("packrunner")
+
+#: One sample's outputs: output name -> array whose first dim is the sample's length.
+Result = dict[str, npt.NDArray[Any]]
+Sample = Mapping[str, Any]
+
+_AnyFuture = concurrent.futures.Future[Result] | asyncio.Future[Result]
+
+
+class _State(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class _Wait(enum.Enum):
+    """What the batcher is asleep for; lets submitters wake it only when it matters."""
+
+    BUSY = 0  # awake, or a wake-up is already scheduled
+    ARRIVAL = 1  # queue empty: the first arrival wakes it
+    FILL = 2  # waiting for the deadline: wake if arrivals might complete a batch
+    DEVICE = 3  # every in-flight slot taken: arrivals cannot change anything
+
+
+@dataclass(slots=True, eq=False)
+class _Request:
+    id: int
+    sample: PreparedSample
+    arrival: float
+    future: _AnyFuture
+    loop: asyncio.AbstractEventLoop | None  # the caller's loop for async requests
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    requests: list[_Request]
+    plan: PackPlan
+    feeds: dict[str, npt.NDArray[Any]]
+    reason: str  # "full" | "timeout" | "drain"
+
+
+@dataclass(slots=True)
+class _Counters:
+    requests: int = 0
+    rejected_invalid: int = 0
+    rejected_overloaded: int = 0
+    withdrawn: int = 0
+    completed: int = 0
+    failed: int = 0
+    batches: int = 0
+    batches_full: int = 0
+    batches_timeout: int = 0
+    batches_failed: int = 0
+    samples: int = 0
+    tokens: int = 0
+    device_busy_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _DeviceIO:
+    """What the runner feeds a device, derived once from the device's specs."""
+
+    inputs: Mapping[str, TensorSpec]
+    outputs: Mapping[str, OutputSpec]
+    token_inputs: tuple[str, ...]
+    position_input: str | None
+    mask_input: str | None
+    unpack_info_input: str | None
+    casts: dict[str, np.dtype[Any]] = field(default_factory=dict)
+
+
+class PackRunner:
+    """Packs single variable-length samples into fixed-shape batches and runs them on devices.
+
+    Args:
+        device: One :class:`~packrunner.Device`, or several identical ones (one worker thread
+            each; batches go to whichever is free).
+        config: Batching configuration; default :class:`~packrunner.RunnerConfig()`.
+        use_uvloop: Run the engine loop on uvloop when it is installed.
+
+    Example:
+        >>> from packrunner import PackRunner, RunnerConfig, SimulatedDevice
+        >>> with PackRunner(SimulatedDevice(batch_latency_us=0), RunnerConfig()) as runner:
+        ...     out = runner.execute({"input_ids": [101, 2023, 102]})
+        >>> out["start_logits"].shape
+        (3,)
+    """
+
+    def __init__(
+        self,
+        device: Device | Sequence[Device],
+        config: RunnerConfig | None = None,
+        *,
+        use_uvloop: bool = True,
+    ) -> None:
+        self._config = config if config is not None else RunnerConfig()
+        self._devices: tuple[Device, ...] = (
+            (device,) if isinstance(device, Device) else tuple(device)
+        )
+        if not self._devices or not all(isinstance(d, Device) for d in self._devices):
+            raise ConfigError(
+                f"device must be a Device or a non-empty sequence of them, got {device!r}"
+            )
+        self._io = _describe_devices(self._devices, self._config)
+        self._schema = _schema_for(self._io, self._config)
+        self._max_inflight = self._config.max_inflight_batches or len(self._devices) + 1
+        self._window = max(self._config.lookahead, self._config.max_valid_num + 1)
+        self._use_uvloop = use_uvloop
+
+        self._lock = threading.Lock()
+        self._state = _State.CREATED
+        self._pending: OrderedDict[int, _Request] = OrderedDict()
+        self._pending_tokens = 0
+        self._inflight = 0
+        self._wait = _Wait.BUSY
+        self._ids = itertools.count()
+        self._counters = _Counters()
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._engine_thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._work: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    @property
+    def config(self) -> RunnerConfig:
+        """The configuration."""
+        return self._config
+
+    def start(self) -> Self:
+        """Start the engine thread and one worker thread per device; open the devices.
+
+        Returns:
+            The runner itself.
+
+        Raises:
+            DeviceError: A device failed to open; nothing is left running.
+            RunnerClosedError: The runner was already closed.
+        """
+        with self._lock:
+            if self._state is _State.RUNNING:
+                return self
+            if self._state is not _State.CREATED:
+                raise RunnerClosedError("a closed PackRunner cannot be restarted; create a new one")
+        opened: list[concurrent.futures.Future[None]] = []
+        for number, device in enumerate(self._devices):
+            ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+            worker = threading.Thread(
+                target=self._worker_main,
+                args=(device, ready),
+                name=f"packrunner-device-{number}",
+                daemon=True,
+            )
+            worker.start()
+            self._workers.append(worker)
+            opened.append(ready)
+        failures = [f.exception() for f in opened if f.exception() is not None]
+        if failures:
+            self._stop_workers()
+            with self._lock:
+                self._state = _State.CLOSED
+            raise DeviceError(f"device failed to open: {failures[0]!r}") from failures[0]
+
+        loop_ready = threading.Event()
+        self._engine_thread = threading.Thread(
+            target=self._engine_main, args=(loop_ready,), name="packrunner-engine", daemon=True
+        )
+        with self._lock:
+            self._state = _State.RUNNING
+        self._engine_thread.start()
+        loop_ready.wait()
+        return self
+
+    def close(self, *, drain: bool = True) -> None:
+        """Stop accepting samples and shut down; no future is left pending, no thread running.
+
+        Args:
+            drain: True runs every accepted sample (batches are dispatched at once, without
+                waiting for timeouts) and delivers its result. False fails samples still
+                waiting to be packed with :class:`~packrunner.RunnerClosedError`; batches
+                already on a device finish and deliver normally.
+        """
+        with self._lock:
+            state = self._state
+            if state is _State.CREATED:
+                self._state = _State.CLOSED
+                return
+            abandoned: list[_Request] = []
+            if state is _State.RUNNING:
+                self._state = _State.CLOSING
+                if not drain:
+                    abandoned = list(self._pending.values())
+                    self._pending.clear()
+                    self._pending_tokens = 0
+                    self._counters.failed += len(abandoned)
+        if abandoned:
+            error = RunnerClosedError("the runner was closed before this sample was packed")
+            _deliver_errors(abandoned, error)
+        if state is _State.RUNNING:
+            self._wake_threadsafe()
+        if (
+            self._engine_thread is not None
+            and self._engine_thread is not threading.current_thread()
+        ):
+            self._engine_thread.join()
+
+    async def aclose(self, *, drain: bool = True) -> None:
+        """Async form of :meth:`close` (runs the blocking shutdown in a thread)."""
+        await asyncio.to_thread(self.close, drain=drain)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------------------ requests
+
+    def execute(self, sample: Sample, timeout: float | None = None) -> Result:
+        """Run one sample and block until its outputs are ready. Thread-safe.
+
+        Args:
+            sample: Input name -> 1-D integer array of the sample's length (``input_ids``
+                required; ``token_type_ids`` defaults to zeros, ``position_ids`` to 0..L-1; a
+                1-D ``attention_mask`` of ones may be given).
+            timeout: Seconds to wait; None waits for ever.
+
+        Returns:
+            Output name -> array of the sample's own length (e.g. ``start_logits``).
+
+        Raises:
+            InvalidSampleError: The sample is malformed (raised before it is queued).
+            OverloadedError: The queue is full.
+            RunnerNotStartedError / RunnerClosedError: The runner is not running.
+            RequestTimeoutError: ``timeout`` expired; the sample is withdrawn if not yet packed.
+            DeviceError: The device failed on this sample's batch.
+        """
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        request = self._submit(sample, future, None)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done() and not future.cancelled():
+                return future.result()
+            withdrawn = self._withdraw(request)
+            future.cancel()
+            state = "before it was packed" if withdrawn else "after it was packed"
+            raise RequestTimeoutError(
+                f"no result within {timeout} s; the sample was withdrawn {state}"
+            ) from None
+
+    async def execute_async(self, sample: Sample) -> Result:
+        """Run one sample; await its outputs. Callable from any event loop.
+
+        Cancelling the awaiting task withdraws the sample if it has not been packed yet, so it
+        takes no slot in a batch. See :meth:`execute` for arguments, result and errors.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        request = self._submit(sample, future, loop)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._withdraw(request)
+            raise
+
+    def stats(self) -> RunnerStats:
+        """A consistent snapshot of the runner's counters."""
+        config = self._config
+        with self._lock:
+            c = self._counters
+            capacity = c.batches * config.batch_size * config.seq_len
+            return RunnerStats(
+                requests=c.requests,
+                rejected_invalid=c.rejected_invalid,
+                rejected_overloaded=c.rejected_overloaded,
+                withdrawn=c.withdrawn,
+                completed=c.completed,
+                failed=c.failed,
+                batches=c.batches,
+                batches_full=c.batches_full,
+                batches_timeout=c.batches_timeout,
+                batches_failed=c.batches_failed,
+                samples=c.samples,
+                tokens=c.tokens,
+                mean_samples_per_batch=c.samples / c.batches if c.batches else 0.0,
+                token_fill=c.tokens / capacity if capacity else 0.0,
+                queue_depth=len(self._pending),
+                inflight_batches=self._inflight,
+                device_busy_s=c.device_busy_s,
+            )
+
+    def _submit(
+        self, sample: Sample, future: _AnyFuture, loop: asyncio.AbstractEventLoop | None
+    ) -> _Request:
+        """The one submit path: validate on the caller's thread, then enqueue."""
+        try:
+            prepared = self._schema.prepare(sample)
+        except PackRunnerError:
+            with self._lock:
+                self._counters.rejected_invalid += 1
+            raise
+        wake = False
+        with self._lock:
+            if self._state is not _State.RUNNING:
+                if self._state is _State.CREATED:
+                    raise RunnerNotStartedError(
+                        "call start() or enter the runner's context manager first"
+                    )
+                raise RunnerClosedError("the runner is closed")
+            if len(self._pending) >= self._config.max_queue_size:
+                self._counters.rejected_overloaded += 1
+                raise OverloadedError(
+                    f"queue full: {len(self._pending)} samples waiting "
+                    f"(max_queue_size={self._config.max_queue_size})"
+                )
+            request = _Request(next(self._ids), prepared, time.monotonic(), future, loop)
+            self._pending[request.id] = request
+            self._pending_tokens += prepared.length
+            self._counters.requests += 1
+            if self._wait is _Wait.ARRIVAL or (
+                self._wait is _Wait.FILL and self._may_be_full_locked()
+            ):
+                self._wait = _Wait.BUSY
+                wake = True
+        if wake:
+            self._wake_threadsafe()
+        return request
+
+    def _withdraw(self, request: _Request) -> bool:
+        """Drop a request whose caller gave up, if it is still waiting to be packed."""
+        with self._lock:
+            if self._pending.pop(request.id, None) is None:
+                return False
+            self._pending_tokens -= request.sample.length
+            self._counters.withdrawn += 1
+            return True
+
+    # -------------------------------------------------------------------------------- engine
+
+    def _engine_main(self, loop_ready: threading.Event) -> None:
+        loop = _new_event_loop(self._use_uvloop)
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            self._wakeup = asyncio.Event()
+            loop.call_soon(loop_ready.set)
+            loop.run_until_complete(self._engine())
+        finally:
+            self._stop_workers()
+            with self._lock:
+                self._state = _State.CLOSED
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _engine(self) -> None:
+        try:
+            await self._batcher()
+        except Exception:  # a bug; never leave callers hanging because of it
+            logger.exception("packrunner batcher crashed; failing waiting samples")
+            with self._lock:
+                self._state = _State.CLOSING
+                abandoned = list(self._pending.values())
+                self._pending.clear()
+                self._pending_tokens = 0
+                self._counters.failed += len(abandoned)
+            _deliver_errors(abandoned, PackRunnerError("internal error in the packrunner batcher"))
+        # Every in-flight batch reports back on this loop; wait for them before stopping.
+        assert self._wakeup is not None
+        while True:
+            with self._lock:
+                if self._inflight == 0:
+                    return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    def _may_be_full_locked(self) -> bool:
+        # Cheap necessary condition for "some algorithm could close a batch now": fewer samples
+        # than rows always fit one per row, so a batch can only be full with more samples than
+        # rows, at the sample cap, or with a full batch worth of tokens.
+        count = len(self._pending)
+        return (
+            count > self._config.batch_size
+            or count >= self._config.samples_cap
+            or self._pending_tokens >= self._config.capacity_tokens
+        )
+
+    async def _batcher(self) -> None:
+        config = self._config
+        timeout_s = config.timeout_us * 1e-6
+        workers = len(self._devices)
+        assert self._wakeup is not None
+        while True:
+            self._wakeup.clear()
+            batch_requests: list[_Request] | None = None
+            plan: PackPlan | None = None
+            reason = ""
+            sleep_s: float | None = None
+            with self._lock:
+                if not self._pending:
+                    if self._state is not _State.RUNNING:
+                        return
+                    self._wait = _Wait.ARRIVAL
+                elif self._inflight >= self._max_inflight:
+                    self._wait = _Wait.DEVICE
+                else:
+                    draining = self._state is not _State.RUNNING
+                    oldest = next(iter(self._pending.values()))
+                    deadline = oldest.arrival + timeout_s
+                    now = time.monotonic()
+                    expired = now >= deadline
+                    # A timed-out partial batch goes only to an idle device: while every device
+                    # is busy it could not start anyway, and waiting lets it fill up.
+                    due = draining or (expired and self._inflight < workers)
+                    if due or self._may_be_full_locked():
+                        candidates = list(itertools.islice(self._pending.values(), self._window))
+                        plan = plan_batch(
+                            [r.sample.length for r in candidates],
+                            algorithm=config.algorithm,
+                            batch_size=config.batch_size,
+                            seq_len=config.seq_len,
+                            max_valid_num=config.max_valid_num,
+                            lookahead=config.lookahead,
+                        )
+                        if plan.full or due:
+                            reason = "full" if plan.full else ("drain" if draining else "timeout")
+                            batch_requests = [candidates[i] for i in plan.chosen]
+                            for request in batch_requests:
+                                del self._pending[request.id]
+                                self._pending_tokens -= request.sample.length
+                            self._inflight += 1
+                            counters = self._counters
+                            counters.batches += 1
+                            counters.samples += plan.num_samples
+                            counters.tokens += plan.num_tokens
+                            if reason == "full":
+                                counters.batches_full += 1
+                            elif reason == "timeout":
+                                counters.batches_timeout += 1
+                    if batch_requests is None:
+                        self._wait = _Wait.FILL
+                        sleep_s = None if expired else deadline - now
+            if batch_requests is not None:
+                assert plan is not None
+                self._dispatch(batch_requests, plan, reason)
+                continue
+            if sleep_s is None:
+                await self._wakeup.wait()
+            else:
+                try:
+                    async with asyncio.timeout(sleep_s):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+
+    def _dispatch(self, requests: list[_Request], plan: PackPlan, reason: str) -> None:
+        io = self._io
+        config = self._config
+        try:
+            token_inputs = {
+                name: [r.sample.tokens[name] for r in requests] for name in io.token_inputs
+            }
+            positions = None
+            if io.position_input is not None and any(
+                r.sample.positions is not None for r in requests
+            ):
+                positions = [
+                    r.sample.positions
+                    if r.sample.positions is not None
+                    else np.arange(r.sample.length, dtype=np.int32)
+                    for r in requests
+                ]
+            feeds: dict[str, npt.NDArray[Any]] = dict(
+                build_feeds(
+                    plan,
+                    token_inputs,
+                    batch_size=config.batch_size,
+                    seq_len=config.seq_len,
+                    position_input=io.position_input,
+                    position_values=positions,
+                    mask_input=io.mask_input,
+                    unpack_info_input=io.unpack_info_input,
+                    max_valid_num=config.max_valid_num,
+                )
+            )
+            for name, dtype in io.casts.items():
+                feeds[name] = feeds[name].astype(dtype)
+        except Exception as exc:  # a bug in packing: fail this batch only
+            logger.exception("packing a batch failed")
+            self._finish(_Batch(requests, plan, {}, reason), None, exc, 0.0)
+            return
+        self._work.put(_Batch(requests, plan, feeds, reason))
+
+    def _finish(
+        self,
+        batch: _Batch,
+        outputs: dict[str, npt.NDArray[Any]] | None,
+        error: BaseException | None,
+        busy_s: float,
+    ) -> None:
+        """Runs on the engine loop when a device finished a batch: unpack and deliver."""
+        results: list[Result] | None = None
+        if error is None and outputs is not None:
+            try:
+                results = unpack_outputs(
+                    batch.plan, outputs, self._io.outputs, seq_len=self._config.seq_len
+                )
+            except Exception as exc:
+                error = exc
+        with self._lock:
+            self._inflight -= 1
+            self._counters.device_busy_s += busy_s
+            if results is None:
+                self._counters.batches_failed += 1
+                self._counters.failed += len(batch.requests)
+            else:
+                self._counters.completed += len(batch.requests)
+        if results is None:
+            failure = DeviceError(
+                f"device failed on a batch of {len(batch.requests)} samples: {error!r}"
+            )
+            failure.__cause__ = error
+            _deliver_errors(batch.requests, failure)
+        else:
+            _deliver_results(batch.requests, results)
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def _wake_threadsafe(self) -> None:
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # loop already closed: the engine has finished
+                pass
+
+    # ------------------------------------------------------------------------------- workers
+
+    def _worker_main(self, device: Device, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            device.open()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            while True:
+                batch = self._work.get()
+                if batch is None:
+                    return
+                started = time.perf_counter()
+                outputs: dict[str, npt.NDArray[Any]] | None = None
+                error: BaseException | None = None
+                try:
+                    outputs = device.run(batch.feeds)
+                except Exception as exc:
+                    error = exc
+                busy_s = time.perf_counter() - started
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._finish, batch, outputs, error, busy_s)
+        finally:
+            try:
+                device.close()
+            except Exception:
+                logger.exception("closing device %r failed", device)
+
+    def _stop_workers(self) -> None:
+        for _ in self._workers:
+            self._work.put(None)
+        for worker in self._workers:
+            worker.join()
+
+
+# ---------------------------------------------------------------------------------- delivery
+
+
+def _deliver_results(requests: Sequence[_Request], results: Sequence[Result]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AnyFuture, Result]]] = defaultdict(list)
+    for request, result in zip(requests, results, strict=True):
+        if request.loop is None:
+            _set_sync(request.future, result, None)
+        else:
+            by_loop[request.loop].append((request.future, result))
+    for loop, items in by_loop.items():
+        _call_in_loop(loop, _resolve_async, items, None)
+
+
+def _deliver_errors(requests: Sequence[_Request], error: BaseException) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AnyFuture, Result]]] = defaultdict(list)
+    for request in requests:
+        if request.loop is None:
+            _set_sync(request.future, None, error)
+        else:
+            by_loop[request.loop].append((request.future, {}))
+    for loop, items in by_loop.items():
+        _call_in_loop(loop, _resolve_async, items, error)
+
+
+def _call_in_loop(
+    loop: asyncio.AbstractEventLoop,
+    callback: Callable[[list[tuple[_AnyFuture, Result]], BaseException | None], None],
+    items: list[tuple[_AnyFuture, Result]],
+    error: BaseException | None,
+) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, items, error)
+    except RuntimeError:
+        # The caller's loop is closed: nobody can await these futures any more.
+        logger.debug("dropping %d results for a closed event loop", len(items))
+
+
+def _resolve_async(items: list[tuple[_AnyFuture, Result]], error: BaseException | None) -> None:
+    for future, result in items:
+        if future.done():  # cancelled by its caller
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+def _set_sync(future: _AnyFuture, result: Result | None, error: BaseException | None) -> None:
+    try:
+        if error is None:
+            assert result is not None
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by a caller whose timeout expired
+
+
+# ----------------------------------------------------------------------------- device checks
+
+
+def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _DeviceIO:
+    first = devices[0]
+    inputs, outputs = dict(first.input_specs), dict(first.output_specs)
+    for other in devices[1:]:
+        if dict(other.input_specs) != inputs or dict(other.output_specs) != outputs:
+            raise ConfigError("all devices of one runner must have identical inputs and outputs")
+    shape = (config.batch_size, config.seq_len)
+    special = {
+        config.position_input_name,
+        config.mask_input_name,
+        config.unpack_info_input_name,
+    }
+    token_inputs: list[str] = []
+    for name, spec in inputs.items():
+        if name == config.unpack_info_input_name:
+            if spec.shape != (config.max_valid_num,):
+                raise ConfigError(
+                    f"device input {name!r} has shape {spec.shape}, expected "
+                    f"({config.max_valid_num},) for max_valid_num={config.max_valid_num}"
+                )
+        elif spec.shape != shape:
+            raise ConfigError(
+                f"device input {name!r} has shape {spec.shape}, but the runner config is "
+                f"[batch_size={config.batch_size}, seq_len={config.seq_len}]"
+            )
+        if spec.dtype.kind not in "iu":
+            raise ConfigError(f"device input {name!r} has dtype {spec.dtype}; expected integers")
+        if name not in special:
+            token_inputs.append(name)
+    if config.dynamic_input_name not in inputs:
+        raise ConfigError(
+            f"dynamic_input_name={config.dynamic_input_name!r} is not a device input "
+            f"(device inputs: {sorted(inputs)})"
+        )
+    if not outputs:
+        raise ConfigError("the device declares no outputs")
+    algorithm = config.algorithm
+    has = {
+        "position": config.position_input_name in inputs,
+        "mask": config.mask_input_name in inputs,
+        "unpack_info": config.unpack_info_input_name in inputs,
+    }
+    if algorithm is PackAlgorithm.STREAM and not has["unpack_info"]:
+        raise ConfigError(
+            f"algorithm=stream needs a device input {config.unpack_info_input_name!r} "
+            "(an unpack/repack model)"
+        )
+    if algorithm is not PackAlgorithm.STREAM and has["unpack_info"]:
+        raise ConfigError(
+            f"the device takes {config.unpack_info_input_name!r} (an unpack/repack model); "
+            f"use algorithm=stream, not {algorithm.value}"
+        )
+    if algorithm not in (PackAlgorithm.PADDED, PackAlgorithm.STREAM) and not has["mask"]:
+        raise ConfigError(
+            f"algorithm={algorithm.value} packs several samples per row and needs the "
+            f"segment-id mask input {config.mask_input_name!r}; the device has {sorted(inputs)}"
+        )
+    if algorithm is not PackAlgorithm.PADDED and not has["position"]:
+        raise ConfigError(
+            f"algorithm={algorithm.value} needs a {config.position_input_name!r} device input "
+            "so positions restart at 0 for every packed sample; use algorithm=padded for a "
+            "padded-only model"
+        )
+    casts = {name: spec.dtype for name, spec in inputs.items() if spec.dtype != np.dtype(np.int32)}
+    return _DeviceIO(
+        inputs=inputs,
+        outputs=outputs,
+        token_inputs=tuple(token_inputs),
+        position_input=config.position_input_name if has["position"] else None,
+        mask_input=config.mask_input_name if has["mask"] else None,
+        unpack_info_input=config.unpack_info_input_name if has["unpack_info"] else None,
+        casts=casts,
+    )
+
+
+def _schema_for(io: _DeviceIO, config: RunnerConfig) -> SampleSchema:
+    limits: dict[str, int] = {config.token_type_input_name: config.type_vocab_size}
+    if config.vocab_size is not None:
+        limits[config.dynamic_input_name] = config.vocab_size
+    if io.position_input is not None:
+        limits[io.position_input] = config.seq_len
+    return SampleSchema(
+        dynamic_input=config.dynamic_input_name,
+        token_inputs=io.token_inputs,
+        zero_default=frozenset({config.token_type_input_name}),
+        position_input=io.position_input,
+        mask_input=config.mask_input_name,
+        seq_len=config.seq_len,
+        value_limits=limits,
+    )
+
+
+def _new_event_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

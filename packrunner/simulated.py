@@ -1,0 +1,222 @@
+"""SimulatedDevice: a stand-in for a static-shape accelerator, and its single-sample reference.
+
+It behaves like a compiled graph where it matters for the runner:
+
+* it accepts exactly its compiled shapes and dtypes and raises on anything else;
+* it takes ``batch_latency_us`` per batch whatever the contents, sleeping (not spinning) so the
+  host CPU stays free for the runner, as it would with a real accelerator;
+* its ``start_logits`` / ``end_logits`` for a token depend on that token, its position, its
+  token type AND every other token of its own segment (an exact integer digest of the segment),
+  never on other segments or padding. Any cross-contamination between packed samples, a wrong
+  position id or a misplaced unpack changes the numbers, and :func:`simulated_reference` gives
+  the exact outputs of one sample run alone, so equivalence checks can be bit-exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+
+__all__ = ["SEED_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
+
+#: The seed's IPU runs 16 padded bert-base samples at 1861 samples/s: 8.6 ms per batch.
+SEED_IPU_BATCH_LATENCY_US = 8_600
+
+OUTPUT_NAMES = ("start_logits", "end_logits")
+
+
+def _token_terms(
+    input_ids: npt.NDArray[np.int64],
+    token_type_ids: npt.NDArray[np.int64],
+    position_ids: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    # Integer per-token contribution to the segment digest (exact in float64 sums: < 2**53).
+    contribution = (input_ids * 31 + token_type_ids * 7 + position_ids * 3 + 1) % 100_003
+    local = (input_ids % 977) * 0.013 + position_ids * 0.021 + token_type_ids * 0.5
+    return contribution, local
+
+
+def _logits(
+    local: npt.NDArray[np.float64], digest: npt.NDArray[np.float64], count: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    context = (digest % 10_007) / 10_007.0 + count * 0.001
+    start = np.sin(local + 3.0 * context).astype(np.float32)
+    end = np.cos(0.7 * local - 2.0 * context).astype(np.float32)
+    return start, end
+
+
+def simulated_reference(
+    input_ids: npt.ArrayLike,
+    token_type_ids: npt.ArrayLike | None = None,
+    position_ids: npt.ArrayLike | None = None,
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Outputs of :class:`SimulatedDevice` for one sample run alone (its own segment).
+
+    Args:
+        input_ids: The sample's token ids, 1-D.
+        token_type_ids: Defaults to zeros.
+        position_ids: Defaults to ``0..L-1``.
+
+    Returns:
+        ``start_logits`` and ``end_logits``, each float32 of the sample's length.
+    """
+    ids = np.asarray(input_ids, dtype=np.int64)
+    types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int64)
+    positions = (
+        np.arange(len(ids), dtype=np.int64)
+        if position_ids is None
+        else np.asarray(position_ids, dtype=np.int64)
+    )
+    contribution, local = _token_terms(ids, types, positions)
+    digest = np.full(len(ids), float(contribution.sum()))
+    count = np.full(len(ids), float(len(ids)))
+    start, end = _logits(local, digest, count)
+    return {"start_logits": start, "end_logits": end}
+
+
+class SimulatedDevice(Device):
+    """A deterministic fixed-shape "accelerator" for tests and benchmarks.
+
+    Args:
+        batch_size: Compiled rows.
+        seq_len: Compiled tokens per row.
+        batch_latency_us: Wall time one batch takes (default: the seed's IPU, 8.6 ms).
+        mode: ``"attention_mask"`` (inputs ``input_ids``, ``token_type_ids``, ``position_ids``,
+            ``attention_mask`` with segment ids; outputs ``[batch_size, seq_len]``) or
+            ``"unpack_repack"`` (``attention_mask`` replaced by ``unpack_info``
+            ``[max_valid_num]``; samples may cross rows; outputs ``[max_valid_num, seq_len]``).
+        max_valid_num: Length of ``unpack_info`` in ``"unpack_repack"`` mode.
+
+    Example:
+        >>> device = SimulatedDevice(batch_latency_us=0)
+        >>> sorted(device.input_specs)
+        ['attention_mask', 'input_ids', 'position_ids', 'token_type_ids']
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 16,
+        seq_len: int = 256,
+        batch_latency_us: int = SEED_IPU_BATCH_LATENCY_US,
+        mode: str = "attention_mask",
+        max_valid_num: int = 40,
+    ) -> None:
+        if mode not in ("attention_mask", "unpack_repack"):
+            raise ValueError(f"mode must be 'attention_mask' or 'unpack_repack', got {mode!r}")
+        if batch_latency_us < 0:
+            raise ValueError(f"batch_latency_us must be >= 0, got {batch_latency_us}")
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.batch_latency_us = batch_latency_us
+        self.mode = mode
+        self.max_valid_num = max_valid_num
+        shape = (batch_size, seq_len)
+        int32 = np.dtype(np.int32)
+        names = ["input_ids", "token_type_ids", "position_ids"]
+        specs = {name: TensorSpec(name, shape, int32) for name in names}
+        if mode == "attention_mask":
+            specs["attention_mask"] = TensorSpec("attention_mask", shape, int32)
+            layout = OutputLayout.PACKED_TOKENS
+        else:
+            specs["unpack_info"] = TensorSpec("unpack_info", (max_valid_num,), int32)
+            layout = OutputLayout.SAMPLE_TOKENS
+        self._input_specs = specs
+        self._output_specs = {name: OutputSpec(name, layout) for name in OUTPUT_NAMES}
+        self.batches_run = 0
+
+    @property
+    def input_specs(self) -> Mapping[str, TensorSpec]:
+        """The compiled inputs."""
+        return self._input_specs
+
+    @property
+    def output_specs(self) -> Mapping[str, OutputSpec]:
+        """``start_logits`` and ``end_logits``."""
+        return self._output_specs
+
+    def run(
+        self, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one batch; raises ``ValueError`` on feeds that do not match the compiled specs."""
+        started = time.perf_counter()
+        self._check_feeds(feeds)
+        ids = feeds["input_ids"].astype(np.int64)
+        types = feeds["token_type_ids"].astype(np.int64)
+        positions = feeds["position_ids"].astype(np.int64)
+        contribution, local = _token_terms(ids, types, positions)
+        if self.mode == "attention_mask":
+            outputs = self._run_segments(feeds["attention_mask"], contribution, local)
+        else:
+            outputs = self._run_stream(feeds["unpack_info"], contribution, local)
+        self.batches_run += 1
+        remaining = self.batch_latency_us * 1e-6 - (time.perf_counter() - started)
+        if remaining > 0:
+            time.sleep(remaining)
+        return outputs
+
+    def _check_feeds(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:
+        if set(feeds) != set(self._input_specs):
+            raise ValueError(
+                f"static graph expects inputs {sorted(self._input_specs)}, got {sorted(feeds)}"
+            )
+        for name, spec in self._input_specs.items():
+            array = feeds[name]
+            if not isinstance(array, np.ndarray) or array.shape != spec.shape:
+                shape = getattr(array, "shape", None)
+                raise ValueError(f"input {name!r}: compiled shape {spec.shape}, got {shape}")
+            if array.dtype != spec.dtype:
+                raise ValueError(f"input {name!r}: compiled dtype {spec.dtype}, got {array.dtype}")
+
+    def _run_segments(
+        self,
+        mask: npt.NDArray[np.generic],
+        contribution: npt.NDArray[np.int64],
+        local: npt.NDArray[np.float64],
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        segment = mask.astype(np.int64)
+        if segment.min() < 0 or segment.max() > self.seq_len:
+            raise ValueError("attention_mask holds segment ids 0..seq_len")
+        # One group per (row, segment id); padding (id 0) gets its own ignored groups.
+        group = (np.arange(self.batch_size)[:, None] * (self.seq_len + 1) + segment).reshape(-1)
+        size = self.batch_size * (self.seq_len + 1)
+        digest = np.bincount(group, weights=contribution.reshape(-1), minlength=size)[group]
+        count = np.bincount(group, minlength=size).astype(np.float64)[group]
+        start, end = _logits(local.reshape(-1), digest, count)
+        valid = segment.reshape(-1) > 0
+        start[~valid] = 0.0
+        end[~valid] = 0.0
+        shape = (self.batch_size, self.seq_len)
+        return {"start_logits": start.reshape(shape), "end_logits": end.reshape(shape)}
+
+    def _run_stream(
+        self,
+        unpack_info: npt.NDArray[np.generic],
+        contribution: npt.NDArray[np.int64],
+        local: npt.NDArray[np.float64],
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        lengths = unpack_info.astype(np.int64)
+        if lengths.min() < 0 or lengths.max() > self.seq_len:
+            raise ValueError(f"unpack_info lengths must be in 0..{self.seq_len}")
+        if lengths.sum() > self.batch_size * self.seq_len:
+            raise ValueError("unpack_info lengths exceed the token stream")
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        # Unpack: slot k takes stream[starts[k] : starts[k] + lengths[k]].
+        column = np.arange(self.seq_len)
+        valid = column[None, :] < lengths[:, None]
+        index = np.where(valid, starts[:, None] + column[None, :], 0)
+        slot_contribution = np.where(valid, contribution.reshape(-1)[index], 0)
+        slot_local = local.reshape(-1)[index]
+        digest = np.broadcast_to(
+            slot_contribution.sum(axis=1, dtype=np.float64)[:, None], valid.shape
+        )
+        count = np.broadcast_to(lengths.astype(np.float64)[:, None], valid.shape)
+        start, end = _logits(slot_local, digest, count)
+        start[~valid] = 0.0
+        end[~valid] = 0.0
+        return {"start_logits": start, "end_logits": end}

@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Project tasks that need nothing but python3: a local virtualenv, then run / test / lint.
+
+    python3 scripts/dev.py run     # the main job on the embedded default
+    python3 scripts/dev.py test    # the whole test suite (installs every extra its tests use)
+    python3 scripts/dev.py lint    # ruff + mypy
+
+The virtualenv lives in .venv and is re-synced only when pyproject.toml changes (or the set of
+extras asked for grows), so repeated runs start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+
+# Extras each task needs; "test" installs them all so that no test is ever skipped for lack of
+# a dependency. torch is pinned in the `convert` extra to the CPU wheel this machine carries.
+EXTRAS = {
+    "run": [],
+    "test": ["dev", "models", "convert"],
+    "lint": ["dev", "models", "convert"],
+}
+
+
+def ensure_env(extras: list[str]) -> None:
+    """Create .venv and install the project with ``extras`` unless already up to date."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    stamp = VENV / f".synced-{digest}-{'-'.join(sorted(extras)) or 'base'}"
+    if stamp.exists():
+        return
+    if not PYTHON.exists():
+        print(f"creating virtualenv in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+        run([str(PYTHON), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    target = f".[{','.join(extras)}]" if extras else "."
+    print(f"installing packrunner{target[1:]} into {VENV}", flush=True)
+    run([str(PYTHON), "-m", "pip", "install", "--quiet", "-e", target])
+    for old in VENV.glob(".synced-*"):
+        old.unlink()
+    stamp.touch()
+    # A broader install also satisfies narrower tasks: mark those as synced too.
+    for task_extras in EXTRAS.values():
+        if set(task_extras) <= set(extras):
+            name = "-".join(sorted(task_extras)) or "base"
+            (VENV / f".synced-{digest}-{name}").touch()
+
+
+def run(command: list[str]) -> None:
+    completed = subprocess.run(command, cwd=ROOT, check=False)
+    if completed.returncode != 0:
+        sys.exit(completed.returncode)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in EXTRAS:
+        print(__doc__)
+        return 2
+    task, rest = argv[0], argv[1:]
+    ensure_env(EXTRAS[task])
+    if task == "run":
+        run([str(BIN / "packrunner"), "compare", *rest])
+    elif task == "test":
+        run([str(PYTHON), "-m", "pytest", *rest])
+    elif task == "lint":
+        run([str(BIN / "ruff"), "check", "."])
+        run([str(BIN / "ruff"), "format", "--check", "."])
+        run([str(BIN / "mypy")])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
