@@ -30,9 +30,7 @@ def queued_samples_per_batch(lengths: list[int], algorithm: PackAlgorithm) -> fl
     queue = list(lengths)
     batches = 0
     while queue:
-        plan = plan_batch(
-            queue, algorithm=algorithm, batch_size=16, seq_len=256, max_valid_num=40
-        )
+        plan = plan_batch(queue, algorithm=algorithm, batch_size=16, seq_len=256, max_valid_num=40)
         taken = set(plan.chosen)
         queue = [length for i, length in enumerate(queue) if i not in taken]
         batches += 1
@@ -50,9 +48,7 @@ def main() -> int:
     print(f"{'algorithm':<11} {'n=1600':>8} {'n=16000':>8}")
     for algorithm in ALGORITHMS:
         row = [
-            queued_samples_per_batch(
-                [len(s["input_ids"]) for s in seed_dataset(n)], algorithm
-            )
+            queued_samples_per_batch([len(s["input_ids"]) for s in seed_dataset(n)], algorithm)
             for n in (1600, 16000)
         ]
         print(f"{algorithm.value:<11} {row[0]:>8.2f} {row[1]:>8.2f}")

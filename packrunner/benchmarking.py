@@ -12,19 +12,22 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
 
+from packrunner.accuracy import compare_results
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.device import Device
-from packrunner.runner import PackRunner
+from packrunner.runner import PackRunner, Result
 
 __all__ = [
     "AlgorithmSummary",
     "OnlineRun",
     "SeedSample",
     "compare_algorithms",
+    "format_accuracy",
     "format_comparison",
     "measure_online",
     "seed_dataset",
@@ -49,7 +52,9 @@ def seed_dataset(
     # The seed seeds numpy's legacy global generator; RandomState replays the same stream
     # without touching global state.
     legacy = np.random.RandomState(seed)
-    lengths = np.clip(legacy.normal(avg_seq_len, avg_seq_len, size=n).astype(np.int32), 1, max_seq_len)
+    lengths = np.clip(
+        legacy.normal(avg_seq_len, avg_seq_len, size=n).astype(np.int32), 1, max_seq_len
+    )
     samples: list[SeedSample] = []
     for length in lengths:
         input_ids = legacy.randint(0, emb_size, (length,)).astype(np.int32)
@@ -60,7 +65,10 @@ def seed_dataset(
 
 @dataclass(frozen=True, slots=True)
 class OnlineRun:
-    """One online run: every sample submitted at once through ``execute_async``."""
+    """One online run: every sample submitted at once through ``execute_async``.
+
+    ``results`` holds each sample's outputs (in sample order) when they were kept.
+    """
 
     samples: int
     wall_s: float
@@ -68,6 +76,7 @@ class OnlineRun:
     mean_samples_per_batch: float
     token_fill: float
     device_busy_s: float
+    results: tuple[Result, ...] | None = None
 
     @property
     def samples_per_s(self) -> float:
@@ -79,6 +88,8 @@ def measure_online(
     device_factory: Callable[[], Device | Sequence[Device]],
     config: RunnerConfig,
     samples: Sequence[SeedSample],
+    *,
+    keep_results: bool = False,
 ) -> OnlineRun:
     """Submit every sample at once (the seed's online mode) and time until all are back."""
 
@@ -87,12 +98,12 @@ def measure_online(
             # More samples than the queue holds are fed as slots free up, never rejected.
             slots = asyncio.Semaphore(config.max_queue_size)
 
-            async def one(sample: SeedSample) -> None:
+            async def one(sample: SeedSample) -> Result:
                 async with slots:
-                    await runner.execute_async(sample)
+                    return await runner.execute_async(sample)
 
             started = time.perf_counter()
-            await asyncio.gather(*(one(s) for s in samples))
+            results = await asyncio.gather(*(one(s) for s in samples))
             wall = time.perf_counter() - started
             stats = runner.stats()
         return OnlineRun(
@@ -102,6 +113,7 @@ def measure_online(
             mean_samples_per_batch=stats.mean_samples_per_batch,
             token_fill=stats.token_fill,
             device_busy_s=stats.device_busy_s,
+            results=tuple(results) if keep_results else None,
         )
 
     return asyncio.run(run())
@@ -149,7 +161,12 @@ def compare_algorithms(
     for round_number in range(repeats):
         for algorithm in algorithms:
             config = _with_algorithm(base_config, algorithm)
-            run = measure_online(lambda a=algorithm: device_factory(a), config, samples)
+            run = measure_online(
+                partial(device_factory, algorithm),
+                config,
+                samples,
+                keep_results=round_number == 0,
+            )
             runs[algorithm].append(run)
             if progress is not None:
                 progress(
@@ -163,21 +180,46 @@ def compare_algorithms(
             ratio = float("nan")
         else:
             ratio = statistics.median(
-                r.samples_per_s / p.samples_per_s for r, p in zip(algorithm_runs, padded, strict=True)
+                r.samples_per_s / p.samples_per_s
+                for r, p in zip(algorithm_runs, padded, strict=True)
             )
         summaries.append(AlgorithmSummary(algorithm, tuple(algorithm_runs), ratio))
     return summaries
 
 
+def format_accuracy(
+    summaries: Sequence[AlgorithmSummary], lengths: Sequence[int], *, baseline: PackAlgorithm
+) -> str:
+    """Per algorithm, MAE and max abs diff of every output against the baseline's results."""
+    reference = next((s for s in summaries if s.algorithm is baseline), None)
+    if reference is None or reference.runs[0].results is None:
+        return ""
+    lines = [f"Accuracy against {baseline.value} (over each sample's valid tokens):"]
+    for summary in summaries:
+        results = summary.runs[0].results
+        if summary.algorithm is baseline or results is None:
+            continue
+        report = compare_results(reference.runs[0].results, results, lengths)
+        for name, accuracy in report.items():
+            lines.append(
+                f"  {summary.algorithm.value:<11} {name:<20} mean MAE {accuracy.mean_mae:.3e}  "
+                f"max abs diff {accuracy.max_abs_diff:.3e}"
+            )
+    return "\n".join(lines)
+
+
 def format_comparison(summaries: Sequence[AlgorithmSummary], *, title: str) -> str:
     """A plain-text table of the summaries."""
-    header = f"{'algorithm':<11} {'samples/s':>10} {'samples/batch':>14} {'token fill':>11} {'vs padded':>10}"
+    header = (
+        f"{'algorithm':<11} {'samples/s':>10} {'samples/batch':>14} {'token fill':>11} "
+        f"{'vs padded':>10}"
+    )
     lines = [title, header, "-" * len(header)]
-    for s in summaries:
-        lines.append(
-            f"{s.algorithm.value:<11} {s.samples_per_s:>10.1f} {s.mean_samples_per_batch:>14.2f} "
-            f"{s.token_fill:>10.1%} {s.ratio_to_padded:>9.2f}x"
-        )
+    lines.extend(
+        f"{s.algorithm.value:<11} {s.samples_per_s:>10.1f} {s.mean_samples_per_batch:>14.2f} "
+        f"{s.token_fill:>10.1%} {s.ratio_to_padded:>9.2f}x"
+        for s in summaries
+    )
     return "\n".join(lines)
 
 

@@ -40,11 +40,17 @@ class OutputLayout(enum.Enum):
             from position 0 (models that unpack to one sample per row, e.g. unpack/repack mode).
         SEGMENTS: ``[batch_size, max_segments, ...]``; entry ``[row, segment_id - 1]`` holds one
             value per sample (e.g. a pooled sentence embedding).
+        SAMPLES: ``[max_valid_num, ...]``; slot ``k`` holds one value for sample ``k`` (e.g. a
+            pooled embedding from an unpack/repack model).
+        ROWS: ``[batch_size, ...]``; one value per row. Only meaningful with one sample per row
+            (``PackAlgorithm.PADDED``), e.g. the pooled output of a padded model.
     """
 
     PACKED_TOKENS = "packed_tokens"
     SAMPLE_TOKENS = "sample_tokens"
     SEGMENTS = "segments"
+    SAMPLES = "samples"
+    ROWS = "rows"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from packrunner.device import OutputLayout, OutputSpec
 __all__ = [
     "PackPlan",
     "build_feeds",
+    "pack_offline",
     "plan_batch",
     "unpack_outputs",
 ]
@@ -406,6 +407,10 @@ def unpack_outputs(
             raise ValueError(f"device returned no output {name!r}")
         array = np.asarray(outputs[name])
         trailing = array.shape[2:]
+        if spec.layout not in (OutputLayout.SAMPLES, OutputLayout.ROWS) and array.ndim < 2:
+            raise ValueError(
+                f"output {name!r} has shape {array.shape}; {spec.layout} needs 2+ dims"
+            )
         if spec.layout is OutputLayout.PACKED_TOKENS:
             if flat_positions is None:
                 flat_positions, _ = _token_positions(plan)
@@ -420,10 +425,114 @@ def unpack_outputs(
             mask = np.arange(array.shape[1]) < plan.lengths[:, None]
             tokens = array[: plan.num_samples][mask]
             pieces = np.split(tokens, split_points)
-        else:
+        elif spec.layout is OutputLayout.SEGMENTS:
             rows = plan.starts // seq_len
-            gathered = array[rows, plan.segment_ids - 1].copy()
-            pieces = list(gathered)
+            pieces = list(array[rows, plan.segment_ids - 1])  # fancy indexing copies
+        elif spec.layout is OutputLayout.ROWS:
+            pieces = list(array[plan.starts // seq_len])
+        else:
+            pieces = list(array[: plan.num_samples].copy())
         for result, piece in zip(results, pieces, strict=True):
             result[name] = piece
     return results
+
+
+def pack_offline(
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_valid_num: int,
+    across_rows: bool = False,
+) -> list[PackPlan]:
+    """Pack a whole dataset known up front into as few batches as we can.
+
+    Offline there is no arrival order to respect, so several packings are tried and the one with
+    the fewest batches is kept: the online lookahead rule with windows of 256 and 1024, and
+    best-fit-decreasing rows dealt out to batches with balanced sample counts. Across rows the
+    stream packing is already within a batch of the token bound.
+
+    Returns:
+        The batches; ``plan.chosen`` holds indices into ``lengths``.
+    """
+    options = {"batch_size": batch_size, "seq_len": seq_len, "max_valid_num": max_valid_num}
+    if across_rows:
+        return _drain(lengths, PackAlgorithm.STREAM, 256, options)
+    candidates = [
+        _drain(lengths, PackAlgorithm.LOOKAHEAD, 256, options),
+        _drain(lengths, PackAlgorithm.LOOKAHEAD, 1024, options),
+        _best_fit_decreasing_batches(lengths, batch_size, seq_len, max_valid_num),
+    ]
+    return min(candidates, key=len)
+
+
+def _drain(
+    lengths: Sequence[int], algorithm: PackAlgorithm, lookahead: int, options: dict[str, int]
+) -> list[PackPlan]:
+    remaining = list(range(len(lengths)))
+    plans: list[PackPlan] = []
+    while remaining:
+        plan = plan_batch(
+            [lengths[i] for i in remaining], algorithm=algorithm, lookahead=lookahead, **options
+        )
+        taken = set(plan.chosen)
+        plans.append(_reindex(plan, [remaining[i] for i in plan.chosen]))
+        remaining = [index for k, index in enumerate(remaining) if k not in taken]
+    return plans
+
+
+def _reindex(plan: PackPlan, chosen: list[int]) -> PackPlan:
+    return PackPlan(tuple(chosen), plan.lengths, plan.starts, plan.segment_ids, plan.full)
+
+
+def _best_fit_decreasing_batches(
+    lengths: Sequence[int], batch_size: int, seq_len: int, max_valid_num: int
+) -> list[PackPlan]:
+    # 1. Rows: best-fit decreasing (each sample into the fullest row it fits).
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # sorted (room left, row number)
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = lengths[index]
+        position = bisect.bisect_left(rooms, (length, -1))
+        if position < len(rooms):
+            room, row = rooms.pop(position)
+            rows[row].append(index)
+            room -= length
+        else:
+            rows.append([index])
+            room, row = seq_len - length, len(rows) - 1
+        if room > 0:
+            bisect.insort(rooms, (room, row))
+    # 2. Batches: deal rows, most samples first, to the batch with the fewest samples that
+    #    still has a free row and room under the sample cap; add batches until it works.
+    batch_count = -(-len(rows) // batch_size)
+    while True:
+        batches: list[list[list[int]]] = [[] for _ in range(batch_count)]
+        counts = [0] * batch_count
+        for row_indices in sorted(rows, key=len, reverse=True):
+            fits = [
+                b
+                for b in range(batch_count)
+                if len(batches[b]) < batch_size and counts[b] + len(row_indices) <= max_valid_num
+            ]
+            if not fits:
+                break
+            target = min(fits, key=lambda b: counts[b])
+            batches[target].append(row_indices)
+            counts[target] += len(row_indices)
+        else:
+            return [
+                _plan_from_rows(
+                    lengths,
+                    [
+                        (index, row_number, sum(lengths[i] for i in row[:k]))
+                        for row_number, row in enumerate(batch)
+                        for k, index in enumerate(row)
+                    ],
+                    seq_len,
+                    True,
+                )
+                for batch in batches
+                if batch
+            ]
+        batch_count += 1

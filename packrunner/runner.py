@@ -29,6 +29,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -37,7 +38,7 @@ import numpy.typing as npt
 
 from packrunner._samples import PreparedSample, SampleSchema
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device, OutputSpec, TensorSpec
+from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
 from packrunner.errors import (
     ConfigError,
     DeviceError,
@@ -323,20 +324,30 @@ class PackRunner:
                 f"no result within {timeout} s; the sample was withdrawn {state}"
             ) from None
 
-    async def execute_async(self, sample: Sample) -> Result:
-        """Run one sample; await its outputs. Callable from any event loop.
+    def execute_async(self, sample: Sample) -> asyncio.Future[Result]:
+        """Submit one sample now; return a future of its outputs on the calling event loop.
 
-        Cancelling the awaiting task withdraws the sample if it has not been packed yet, so it
-        takes no slot in a batch. See :meth:`execute` for arguments, result and errors.
+        ``await runner.execute_async(sample)`` is the usual form. The sample is validated and
+        queued before this returns, so bad input raises here, at submit time. Returning a plain
+        future rather than a coroutine spares callers a Task per request (``asyncio.gather``
+        awaits futures directly), which is most of the per-request cost on the caller's side.
+
+        Cancelling the future (or a task awaiting it) withdraws the sample if it has not been
+        packed yet, so it takes no slot in a batch. See :meth:`execute` for arguments, result
+        and errors.
+
+        Raises:
+            RuntimeError: Called outside a running event loop.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         request = self._submit(sample, future, loop)
-        try:
-            return await future
-        except asyncio.CancelledError:
+        future.add_done_callback(partial(self._withdraw_if_cancelled, request))
+        return future
+
+    def _withdraw_if_cancelled(self, request: _Request, future: asyncio.Future[Result]) -> None:
+        if future.cancelled():
             self._withdraw(request)
-            raise
 
     def stats(self) -> RunnerStats:
         """A consistent snapshot of the runner's counters."""
@@ -743,6 +754,11 @@ def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _Devic
         )
     if not outputs:
         raise ConfigError("the device declares no outputs")
+    per_row = [name for name, spec in outputs.items() if spec.layout is OutputLayout.ROWS]
+    if per_row and config.algorithm is not PackAlgorithm.PADDED:
+        raise ConfigError(
+            f"outputs {per_row} have one value per row, which only algorithm=padded can split"
+        )
     algorithm = config.algorithm
     has = {
         "position": config.position_input_name in inputs,

@@ -129,6 +129,9 @@ class SimulatedDevice(Device):
         self._input_specs = specs
         self._output_specs = {name: OutputSpec(name, layout) for name in OUTPUT_NAMES}
         self.batches_run = 0
+        # time.sleep() wakes late by a fairly steady amount (timer slack, scheduling, the GIL);
+        # sleeping that much less keeps the simulated batch latency at batch_latency_us.
+        self._sleep_overshoot_s = 0.0
 
     @property
     def input_specs(self) -> Mapping[str, TensorSpec]:
@@ -157,7 +160,11 @@ class SimulatedDevice(Device):
         self.batches_run += 1
         remaining = self.batch_latency_us * 1e-6 - (time.perf_counter() - started)
         if remaining > 0:
-            time.sleep(remaining)
+            asked = max(0.0, remaining - self._sleep_overshoot_s)
+            before = time.perf_counter()
+            time.sleep(asked)
+            late = (time.perf_counter() - before) - asked
+            self._sleep_overshoot_s += 0.2 * (min(late, remaining) - self._sleep_overshoot_s)
         return outputs
 
     def _check_feeds(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:

@@ -94,9 +94,9 @@ async def test_device_keeps_accumulating_while_busy():
     device = GatedDevice()
     config = RunnerConfig(timeout_us=0, max_inflight_batches=1)
     async with PackRunner(device, config) as runner:
-        first = asyncio.create_task(runner.execute_async({"input_ids": [1]}))
+        first = runner.execute_async({"input_ids": [1]})
         await asyncio.to_thread(device.entered.acquire)  # the lone sample is on the device
-        rest = [asyncio.create_task(runner.execute_async({"input_ids": [2, 3]})) for _ in range(30)]
+        rest = [runner.execute_async({"input_ids": [2, 3]}) for _ in range(30)]
         await asyncio.sleep(0.05)
         assert runner.stats().queue_depth == 30
         device.gate.set()
@@ -142,9 +142,9 @@ async def test_device_failure_fails_only_that_batch_and_the_runner_keeps_serving
     async with PackRunner(PoisonDevice(), config) as runner:
         clean = [{"input_ids": rng.integers(8, 30522, 20, dtype=np.int32)} for _ in range(48)]
         poisoned = {"input_ids": np.array([PoisonDevice.POISON, 9], dtype=np.int32)}
-        tasks = [asyncio.create_task(runner.execute_async(s)) for s in clean[:16]]
-        bad = asyncio.create_task(runner.execute_async(poisoned))
-        tasks += [asyncio.create_task(runner.execute_async(s)) for s in clean[16:]]
+        tasks = [runner.execute_async(s) for s in clean[:16]]
+        bad = runner.execute_async(poisoned)
+        tasks += [runner.execute_async(s) for s in clean[16:]]
         outcomes = await asyncio.gather(*tasks, bad, return_exceptions=True)
         after = await runner.execute_async(clean[0])
         stats = runner.stats()
@@ -160,28 +160,35 @@ async def test_cancelled_caller_takes_no_slot():
     device = GatedDevice()
     config = RunnerConfig(timeout_us=0, max_inflight_batches=1)
     async with PackRunner(device, config) as runner:
-        first = asyncio.create_task(runner.execute_async({"input_ids": [1]}))
+        first = runner.execute_async({"input_ids": [1]})
         await asyncio.to_thread(device.entered.acquire)
-        keep = [asyncio.create_task(runner.execute_async({"input_ids": [2, 2]})) for _ in range(3)]
-        doomed = asyncio.create_task(runner.execute_async({"input_ids": [3, 3, 3]}))
+        keep = [runner.execute_async({"input_ids": [2, 2]}) for _ in range(3)]
+        doomed = runner.execute_async({"input_ids": [3, 3, 3]})
+
+        async def waits_for_it():
+            return await runner.execute_async({"input_ids": [4, 4, 4, 4]})
+
+        doomed_task = asyncio.ensure_future(waits_for_it())
         await asyncio.sleep(0.02)
-        doomed.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await doomed
+        doomed.cancel()  # the future itself
+        doomed_task.cancel()  # a task awaiting its future
+        for cancelled in (doomed, doomed_task):
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
         device.gate.set()
         await asyncio.gather(first, *keep)
         stats = runner.stats()
     assert device.batch_sizes == [1, 3]
-    assert stats.withdrawn == 1 and stats.samples == 4 and stats.requests == 5
+    assert stats.withdrawn == 2 and stats.samples == 4 and stats.requests == 6
 
 
 async def test_overload_is_immediate_and_bounded():
     device = GatedDevice()
     config = RunnerConfig(timeout_us=0, max_inflight_batches=1, max_queue_size=4)
     async with PackRunner(device, config) as runner:
-        first = asyncio.create_task(runner.execute_async({"input_ids": [1]}))
+        first = runner.execute_async({"input_ids": [1]})
         await asyncio.to_thread(device.entered.acquire)
-        queued = [asyncio.create_task(runner.execute_async({"input_ids": [2]})) for _ in range(4)]
+        queued = [runner.execute_async({"input_ids": [2]}) for _ in range(4)]
         await asyncio.sleep(0.01)
         with pytest.raises(OverloadedError, match="max_queue_size=4"):
             await runner.execute_async({"input_ids": [3]})
@@ -194,7 +201,7 @@ async def test_close_drains_accepted_work():
     device = GatedDevice()
     runner = PackRunner(device, RunnerConfig(timeout_us=10_000_000, max_inflight_batches=1))
     await runner.__aenter__()
-    tasks = [asyncio.create_task(runner.execute_async({"input_ids": [i + 1]})) for i in range(50)]
+    tasks = [runner.execute_async({"input_ids": [i + 1]}) for i in range(50)]
     await asyncio.sleep(0.02)
     closing = asyncio.create_task(runner.aclose())
     await asyncio.sleep(0.02)
@@ -210,9 +217,9 @@ async def test_close_without_drain_fails_waiting_work():
     device = GatedDevice()
     runner = PackRunner(device, RunnerConfig(timeout_us=0, max_inflight_batches=1))
     await runner.__aenter__()
-    on_device = asyncio.create_task(runner.execute_async({"input_ids": [1]}))
+    on_device = runner.execute_async({"input_ids": [1]})
     await asyncio.to_thread(device.entered.acquire)
-    waiting = [asyncio.create_task(runner.execute_async({"input_ids": [2]})) for _ in range(10)]
+    waiting = [runner.execute_async({"input_ids": [2]}) for _ in range(10)]
     await asyncio.sleep(0.01)
     closing = asyncio.create_task(runner.aclose(drain=False))
     outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)

@@ -1,0 +1,13 @@
+"""The seed's packed_bert_example.py, complete: ``python -m benchmarks.packed_bert [flags]``.
+
+Same as ``packrunner bench``; see ``packrunner bench --help`` for the flags (the seed's names).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from packrunner.bench.main import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""On-disk cache of the default (random-weight) BERT models used by tests and benchmarks.
+
+Building a model takes a fraction of a second but producing its ~16 MB file repeatedly in every
+test process and benchmark adds up, and the runner wants a *path* (ONNX runtimes load files). The
+file name carries a hash of every build parameter plus :data:`BUILDER_VERSION`, so a changed
+builder or parameter can never be served a stale file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Final
+
+from packrunner.models.bert import DEFAULT_CONFIG, random_bert_weights
+from packrunner.models.builder import MIN_OPSET, Head, Variant, build_bert_onnx
+
+__all__ = [
+    "BUILDER_VERSION",
+    "CACHE_ENV_VAR",
+    "DEFAULT_SEED",
+    "default_cache_dir",
+    "default_model_path",
+]
+
+BUILDER_VERSION: Final = 1
+"""Bump whenever the graph builder or :func:`random_bert_weights` changes what it produces."""
+
+CACHE_ENV_VAR: Final = "PACKRUNNER_CACHE"
+DEFAULT_SEED: Final = 0
+
+
+def default_cache_dir() -> Path:
+    """``$PACKRUNNER_CACHE`` if set (and non-empty), else ``~/.cache/packrunner``."""
+    configured = os.environ.get(CACHE_ENV_VAR)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "packrunner"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers only ever see no file or the whole file.
+
+    The temporary file lives in the destination directory because ``os.replace`` is atomic only
+    within one filesystem; concurrent writers each use their own temporary name and the last
+    rename wins with identical content.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def default_model_path(
+    variant: Variant = "packed",
+    *,
+    batch_size: int = 16,
+    seq_len: int = 256,
+    max_valid_num: int = 40,
+    head: Head = "qa",
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Path of the default random-weight model for these build parameters, built on first use.
+
+    The model is :data:`~packrunner.models.bert.DEFAULT_CONFIG` with
+    ``random_bert_weights(DEFAULT_CONFIG, seed=0)``, built by
+    :func:`~packrunner.models.builder.build_bert_onnx` at opset 17. Safe to call from several
+    processes at once: each may build, but the file appears atomically.
+
+    Args:
+        variant: ``"packed"``, ``"padded"`` or ``"unpack_repack"``.
+        batch_size: Rows of the static batch.
+        seq_len: Tokens per row.
+        max_valid_num: Samples per batch / segments per row (see ``build_bert_onnx``).
+        head: ``"qa"`` or ``"encoder"``.
+        cache_dir: Directory for the file; defaults to :func:`default_cache_dir`.
+
+    Returns:
+        Absolute path of the ``.onnx`` file.
+    """
+    params = {
+        "builder_version": BUILDER_VERSION,
+        "config": dataclasses.asdict(DEFAULT_CONFIG),
+        "seed": DEFAULT_SEED,
+        "variant": variant,
+        "head": head,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "max_valid_num": max_valid_num,
+        "opset": MIN_OPSET,
+    }
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
+    path = (
+        directory / f"bert-{variant}-{head}-b{batch_size}-s{seq_len}-m{max_valid_num}-{digest}.onnx"
+    ).absolute()
+    if path.is_file():
+        return path
+    model = build_bert_onnx(
+        DEFAULT_CONFIG,
+        random_bert_weights(DEFAULT_CONFIG, seed=DEFAULT_SEED),
+        variant=variant,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_valid_num=max_valid_num,
+        head=head,
+        opset=MIN_OPSET,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, model.SerializeToString(deterministic=True))
+    return path

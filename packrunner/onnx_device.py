@@ -1,0 +1,238 @@
+"""OnnxDevice: an onnxruntime session at a fixed shape, driven by one worker thread."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.errors import ConfigError, DeviceError
+
+__all__ = ["OnnxDevice"]
+
+# ONNX TensorProto element types the runner can feed (token ids, masks, lengths).
+_INTEGER_TYPES: dict[int, np.dtype[Any]] = {
+    int(onnx.TensorProto.INT32): np.dtype(np.int32),
+    int(onnx.TensorProto.INT64): np.dtype(np.int64),
+}
+
+
+class OnnxDevice(Device):
+    """Runs a fixed-shape ONNX model with onnxruntime.
+
+    The model is inspected once at construction (names, dtypes, shapes), so a model that does
+    not fit the runner is refused before any thread starts; the session itself is created in
+    :meth:`open`, on the worker thread that owns it.
+
+    Args:
+        model_path: The ``.onnx`` file.
+        batch_size: Rows, when the model's batch dim is symbolic (otherwise read from it).
+        seq_len: Tokens per row, when the model's sequence dim is symbolic.
+        max_valid_num: Length of ``unpack_info`` / sample slots, when symbolic.
+        intra_op_num_threads: onnxruntime threads; default: every core of the machine.
+        providers: onnxruntime execution providers.
+        output_layouts: Layout per output name, for outputs whose layout cannot be told from
+            their shape (by default ``[B, S, ...]`` is per token, ``[max_valid_num, S, ...]`` per
+            sample slot, ``[B, K, ...]`` per segment, ``[max_valid_num, ...]`` per sample).
+        output_names: Only fetch these outputs (default: all).
+        allow_spinning: Let idle onnxruntime threads spin between runs (lower latency for one
+            device; turn off when several sessions share the cores).
+
+    Raises:
+        ConfigError: The model's inputs are not integer tensors of one fixed shape.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        batch_size: int | None = None,
+        seq_len: int | None = None,
+        max_valid_num: int | None = None,
+        intra_op_num_threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        output_layouts: Mapping[str, OutputLayout] | None = None,
+        output_names: Sequence[str] | None = None,
+        allow_spinning: bool = True,
+    ) -> None:
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise ConfigError(f"model_path {str(self.model_path)!r} is not a file")
+        model = onnx.load(str(self.model_path), load_external_data=False)
+        graph = model.graph
+        initializers = {init.name for init in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initializers]
+        symbols = {"batch": batch_size, "seq": seq_len, "valid": max_valid_num}
+        self._input_specs = {i.name: _input_spec(i, symbols) for i in inputs}
+        # Symbolic dims (e.g. "batch", "sequence") take the value they got on the inputs, so
+        # outputs that share them resolve too.
+        self._dim_params: dict[str, int] = {}
+        for value in inputs:
+            for dim, size in zip(_dims(value), self._input_specs[value.name].shape, strict=True):
+                if dim.dim_param:
+                    self._dim_params[dim.dim_param] = size
+        self.batch_size, self.seq_len = _batch_shape(self._input_specs, batch_size, seq_len)
+        slots = [s.shape[0] for s in self._input_specs.values() if len(s.shape) == 1]
+        self.max_valid_num = (
+            max_valid_num if max_valid_num is not None else (slots[0] if slots else None)
+        )
+        wanted = list(output_names) if output_names is not None else [o.name for o in graph.output]
+        declared = {o.name: o for o in graph.output}
+        missing = [name for name in wanted if name not in declared]
+        if missing:
+            raise ConfigError(f"model has no output(s) {missing}; it has {sorted(declared)}")
+        layouts = dict(output_layouts or {})
+        self._output_specs = {
+            name: self._output_spec(declared[name], layouts.get(name)) for name in wanted
+        }
+        self.intra_op_num_threads = intra_op_num_threads or os.cpu_count() or 1
+        self.providers = tuple(providers)
+        self.allow_spinning = allow_spinning
+        self._session: Any = None
+        self._run_shapes = {
+            name: (self.batch_size, self.seq_len) if len(spec.shape) == 2 else spec.shape
+            for name, spec in self._input_specs.items()
+        }
+
+    @property
+    def input_specs(self) -> Mapping[str, TensorSpec]:
+        """The model's inputs at the fixed shape."""
+        return self._input_specs
+
+    @property
+    def output_specs(self) -> Mapping[str, OutputSpec]:
+        """The fetched outputs and their layouts."""
+        return self._output_specs
+
+    def open(self) -> None:
+        """Create the onnxruntime session (on the worker thread that will run it)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_num_threads
+        options.inter_op_num_threads = 1
+        # Masked attention scores (-10000 bias) underflow to subnormal floats in Softmax, which
+        # x86 handles on a slow path: flushing them to zero cut the default model's packed
+        # batch from ~37 ms to ~30 ms here, and they are exactly 0 after Softmax either way.
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        if not self.allow_spinning:
+            # Idle intra-op threads otherwise spin after each run, stealing cores from the
+            # runner's own threads and from other sessions in the process.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self._session = ort.InferenceSession(
+                str(self.model_path), sess_options=options, providers=list(self.providers)
+            )
+        except Exception as exc:
+            raise DeviceError(f"onnxruntime could not load {self.model_path}: {exc}") from exc
+
+    def run(
+        self, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """Run one batch; onnxruntime failures become :class:`~packrunner.DeviceError`."""
+        if self._session is None:
+            raise DeviceError("OnnxDevice.run() before open()")
+        names = list(self._output_specs)
+        try:
+            values = self._session.run(names, dict(feeds))
+        except Exception as exc:
+            raise DeviceError(f"onnxruntime failed running {self.model_path.name}: {exc}") from exc
+        return dict(zip(names, values, strict=True))
+
+    def close(self) -> None:
+        """Drop the session."""
+        self._session = None
+
+    def _output_spec(self, value: onnx.ValueInfoProto, layout: OutputLayout | None) -> OutputSpec:
+        dims = [
+            d.dim_value if d.HasField("dim_value") else self._dim_params.get(d.dim_param)
+            for d in _dims(value)
+        ]
+        if layout is None:
+            stream = any(len(s.shape) == 1 for s in self._input_specs.values())
+            layout = _infer_layout(
+                value.name, dims, self.batch_size, self.seq_len, self.max_valid_num, stream
+            )
+        lead = 1 if layout in (OutputLayout.SAMPLES, OutputLayout.ROWS) else 2
+        trailing = tuple(d if d is not None else -1 for d in dims[lead:])
+        return OutputSpec(value.name, layout, trailing)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[onnx.TensorShapeProto.Dimension]:
+    return list(value.type.tensor_type.shape.dim)
+
+
+def _input_spec(value: onnx.ValueInfoProto, symbols: Mapping[str, int | None]) -> TensorSpec:
+    element = value.type.tensor_type.elem_type
+    if element not in _INTEGER_TYPES:
+        raise ConfigError(
+            f"model input {value.name!r} has element type "
+            f"{onnx.TensorProto.DataType.Name(element)}; packrunner feeds int32/int64 tensors"
+        )
+    dims = _dims(value)
+    shape: list[int] = []
+    for axis, dim in enumerate(dims):
+        if dim.HasField("dim_value") and dim.dim_value > 0:
+            shape.append(dim.dim_value)
+            continue
+        if len(dims) == 1:
+            fixed = symbols["valid"]
+        else:
+            fixed = symbols["batch"] if axis == 0 else symbols["seq"]
+        if fixed is None:
+            raise ConfigError(
+                f"model input {value.name!r} has a symbolic dim {dim.dim_param or '?'!r} at axis "
+                f"{axis}; packrunner needs a fixed-shape model (convert it with `packrunner "
+                "convert --batch-size B --seq-len S`, or pass batch_size/seq_len/max_valid_num)"
+            )
+        shape.append(fixed)
+    if len(shape) not in (1, 2):
+        raise ConfigError(f"model input {value.name!r} has rank {len(shape)}; expected 1 or 2")
+    return TensorSpec(value.name, tuple(shape), _INTEGER_TYPES[element])
+
+
+def _batch_shape(
+    specs: Mapping[str, TensorSpec], batch_size: int | None, seq_len: int | None
+) -> tuple[int, int]:
+    shapes = {spec.shape for spec in specs.values() if len(spec.shape) == 2}
+    if len(shapes) != 1:
+        raise ConfigError(
+            f"model's 2-D inputs must share one [batch_size, seq_len] shape, got "
+            f"{ {name: spec.shape for name, spec in specs.items()} }"
+        )
+    (rows, columns) = shapes.pop()
+    for name, expected, actual in (("batch_size", batch_size, rows), ("seq_len", seq_len, columns)):
+        if expected is not None and expected != actual:
+            raise ConfigError(f"{name}={expected} but the model is compiled for {actual}")
+    return rows, columns
+
+
+def _infer_layout(
+    name: str,
+    dims: list[int | None],
+    batch_size: int,
+    seq_len: int,
+    max_valid_num: int | None,
+    stream: bool,
+) -> OutputLayout:
+    lead = dims[:2]
+    # Unpack/repack models (they take unpack_info) answer per sample slot.
+    if stream and max_valid_num is not None and dims[:1] == [max_valid_num]:
+        if len(dims) >= 2 and dims[1] == seq_len:
+            return OutputLayout.SAMPLE_TOKENS
+        return OutputLayout.SAMPLES
+    if len(dims) >= 2 and lead == [batch_size, seq_len]:
+        return OutputLayout.PACKED_TOKENS
+    if len(dims) == 2 and dims[0] == batch_size:
+        return OutputLayout.ROWS
+    if len(dims) >= 3 and dims[0] == batch_size:
+        return OutputLayout.SEGMENTS
+    raise ConfigError(
+        f"cannot tell the layout of output {name!r} with shape {dims}; pass output_layouts"
+    )

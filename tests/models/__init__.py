@@ -1,0 +1,1 @@
+"""Tests of packrunner.models (BERT ONNX graph builder)."""

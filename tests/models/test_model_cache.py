@@ -1,0 +1,79 @@
+"""default_model_path: builds once, keys files by every parameter, writes atomically."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from packrunner.models import CACHE_ENV_VAR, default_cache_dir, default_model_path, input_names
+
+
+def test_builds_once_then_reuses(tmp_path: Path) -> None:
+    first = default_model_path(
+        "padded", batch_size=2, seq_len=16, head="encoder", cache_dir=tmp_path
+    )
+    assert first.is_file() and first.parent == tmp_path.absolute()
+    stamp = first.stat().st_mtime_ns
+    os.utime(first, ns=(stamp - 10**9, stamp - 10**9))  # make a rewrite detectable
+    again = default_model_path(
+        "padded", batch_size=2, seq_len=16, head="encoder", cache_dir=tmp_path
+    )
+    assert again == first
+    assert again.stat().st_mtime_ns == stamp - 10**9
+    model = onnx.load(str(first))
+    onnx.checker.check_model(model, full_check=True)
+    assert tuple(i.name for i in model.graph.input) == input_names("padded")
+
+
+def test_every_parameter_changes_the_file(tmp_path: Path) -> None:
+    base: dict[str, Any] = {
+        "batch_size": 2,
+        "seq_len": 16,
+        "max_valid_num": 4,
+        "cache_dir": tmp_path,
+    }
+    paths = {
+        default_model_path("packed", **base),
+        default_model_path("padded", **base),
+        default_model_path("unpack_repack", **base),
+        default_model_path("packed", head="encoder", **base),
+        default_model_path("packed", batch_size=3, seq_len=16, max_valid_num=4, cache_dir=tmp_path),
+        default_model_path("packed", batch_size=2, seq_len=32, max_valid_num=4, cache_dir=tmp_path),
+        default_model_path("packed", batch_size=2, seq_len=16, max_valid_num=5, cache_dir=tmp_path),
+    }
+    assert len(paths) == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "env-cache"))
+    assert default_cache_dir() == tmp_path / "env-cache"
+    path = default_model_path("packed", batch_size=1, seq_len=8)
+    assert path.parent == (tmp_path / "env-cache").absolute()
+    monkeypatch.delenv(CACHE_ENV_VAR)
+    assert default_cache_dir() == Path.home() / ".cache" / "packrunner"
+
+
+def test_concurrent_callers_get_one_complete_file(tmp_path: Path) -> None:
+    def build(_: int) -> Path:
+        return default_model_path("unpack_repack", batch_size=2, seq_len=16, cache_dir=tmp_path)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        paths = set(pool.map(build, range(8)))
+    assert len(paths) == 1
+    (path,) = paths
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    # No temporary files left behind by the writers that lost the race.
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_default_file_is_deterministic(tmp_path: Path) -> None:
+    a = default_model_path("packed", batch_size=2, seq_len=16, cache_dir=tmp_path / "a")
+    b = default_model_path("packed", batch_size=2, seq_len=16, cache_dir=tmp_path / "b")
+    assert a.name == b.name
+    assert a.read_bytes() == b.read_bytes()

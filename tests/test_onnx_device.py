@@ -1,0 +1,166 @@
+"""OnnxDevice on the default model: every mode equals the padded model, through the runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from packrunner import (
+    ConfigError,
+    Device,
+    DeviceError,
+    OutputLayout,
+    PackAlgorithm,
+    PackRunner,
+    RunnerConfig,
+)
+from packrunner.accuracy import compare_results
+from packrunner.benchmarking import seed_dataset
+from packrunner.models import default_model_path
+from packrunner.onnx_device import OnnxDevice
+
+SAMPLES = seed_dataset(160)  # the seed's generator: ids in [0, 30522), types 0/1
+LENGTHS = [len(s["input_ids"]) for s in SAMPLES]
+
+
+async def run_all(
+    device: Device, algorithm: PackAlgorithm, samples=SAMPLES
+) -> list[dict[str, Any]]:
+    config = RunnerConfig(algorithm=algorithm, timeout_us=1_000, vocab_size=30522)
+    async with PackRunner(device, config) as runner:
+        return await asyncio.gather(*(runner.execute_async(s) for s in samples))
+
+
+@pytest.fixture(scope="module")
+def padded_results() -> list[dict[str, Any]]:
+    return asyncio.run(run_all(OnnxDevice(default_model_path("padded")), PackAlgorithm.PADDED))
+
+
+@pytest.mark.parametrize(
+    ("variant", "algorithm"),
+    [
+        ("packed", PackAlgorithm.LOOKAHEAD),
+        ("packed", PackAlgorithm.FIRST_FIT),
+        ("packed", PackAlgorithm.NEXT_FIT),
+        ("packed", PackAlgorithm.PADDED),
+        ("unpack_repack", PackAlgorithm.STREAM),
+    ],
+)
+async def test_every_mode_equals_the_padded_model(padded_results, variant, algorithm):
+    device = OnnxDevice(default_model_path(variant))
+    results = await run_all(device, algorithm)
+    report = compare_results(padded_results, results, LENGTHS)
+    for name in ("start_logits", "end_logits"):
+        assert report[name].max_abs_diff <= 1e-5, (name, report[name])
+        assert report[name].mean_mae <= 1e-6
+    for result, length in zip(results, LENGTHS, strict=True):
+        assert result["start_logits"].shape == (length,)
+
+
+class PlainMaskDevice(Device):
+    """Negative control: the packed model fed a plain 0/1 mask (no block diagonal)."""
+
+    def __init__(self, inner: OnnxDevice) -> None:
+        self.inner = inner
+
+    @property
+    def input_specs(self):
+        return self.inner.input_specs
+
+    @property
+    def output_specs(self):
+        return self.inner.output_specs
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        plain = dict(feeds, attention_mask=(feeds["attention_mask"] > 0).astype(np.int32))
+        return self.inner.run(plain)
+
+
+async def test_negative_control_plain_mask_differs(padded_results):
+    device = PlainMaskDevice(OnnxDevice(default_model_path("packed")))
+    results = await run_all(device, PackAlgorithm.LOOKAHEAD)
+    report = compare_results(padded_results, results, LENGTHS)
+    assert report["start_logits"].max_abs_diff > 1e-2
+
+
+def test_model_that_does_not_match_the_config_is_refused():
+    device = OnnxDevice(default_model_path("packed"))
+    assert (device.batch_size, device.seq_len) == (16, 256)
+    with pytest.raises(ConfigError, match="seq_len=128"):
+        PackRunner(device, RunnerConfig(seq_len=128))
+    with pytest.raises(ConfigError, match="use algorithm=stream"):
+        PackRunner(OnnxDevice(default_model_path("unpack_repack")), RunnerConfig())
+    with pytest.raises(ConfigError, match="needs a 'position_ids'"):
+        PackRunner(OnnxDevice(default_model_path("padded")), RunnerConfig())
+    with pytest.raises(ConfigError, match="compiled for 256"):
+        OnnxDevice(default_model_path("packed"), seq_len=128)
+
+
+def _tiny_model(
+    path: Path,
+    *,
+    dims: list[Any],
+    elem: int = TensorProto.INT32,
+    op: str = "Identity",
+    domain: str = "",
+) -> Path:
+    x = helper.make_tensor_value_info("input_ids", elem, dims)
+    y = helper.make_tensor_value_info("y", elem, dims)
+    node = helper.make_node(op, ["input_ids"], ["y"], domain=domain)
+    opsets = [helper.make_opsetid("", 17)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]), opset_imports=opsets)
+    onnx.save(model, path)
+    return path
+
+
+def test_symbolic_or_non_integer_inputs_are_refused(tmp_path):
+    symbolic = _tiny_model(tmp_path / "dyn.onnx", dims=["batch", "seq"])
+    with pytest.raises(ConfigError, match="symbolic dim 'batch'"):
+        OnnxDevice(symbolic)
+    fixed = OnnxDevice(symbolic, batch_size=2, seq_len=8)
+    assert fixed.input_specs["input_ids"].shape == (2, 8)
+    assert fixed.output_specs["y"].layout is OutputLayout.PACKED_TOKENS
+    floats = _tiny_model(tmp_path / "f.onnx", dims=[2, 8], elem=TensorProto.FLOAT)
+    with pytest.raises(ConfigError, match="FLOAT"):
+        OnnxDevice(floats)
+    with pytest.raises(ConfigError, match="not a file"):
+        OnnxDevice(tmp_path / "missing.onnx")
+
+
+def test_session_that_cannot_load_fails_start(tmp_path):
+    bogus = _tiny_model(tmp_path / "custom.onnx", dims=[2, 8], op="NoSuchOp", domain="acme")
+    device = OnnxDevice(bogus)
+    runner = PackRunner(
+        device, RunnerConfig(batch_size=2, seq_len=8, algorithm=PackAlgorithm.PADDED)
+    )
+    with pytest.raises(DeviceError, match="failed to open"):
+        runner.start()
+
+
+async def test_onnxruntime_failure_fails_only_its_batch():
+    # Ids beyond the embedding table make onnxruntime's Gather fail; vocab_size is left unset
+    # so the runner does not refuse them at submit time.
+    device = OnnxDevice(default_model_path("packed"), intra_op_num_threads=1)
+    config = RunnerConfig(algorithm=PackAlgorithm.PADDED, timeout_us=1_000)
+    async with PackRunner(device, config) as runner:
+        bad = await asyncio.gather(
+            runner.execute_async({"input_ids": np.array([10**6], dtype=np.int32)}),
+            return_exceptions=True,
+        )
+        good = await runner.execute_async(SAMPLES[0])
+    assert isinstance(bad[0], DeviceError)
+    assert "onnxruntime" in str(bad[0])
+    assert good["start_logits"].shape == (LENGTHS[0],)
