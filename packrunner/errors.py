@@ -9,7 +9,8 @@ Every error a caller can see derives from :class:`PackRunnerError`::
     ├── RunnerNotStartedError (also RuntimeError)
     ├── RunnerClosedError                      the runner is closing or closed
     ├── RequestTimeoutError (also TimeoutError) a blocking execute() gave up waiting
-    └── DeviceError                            the device raised while running a batch
+    ├── DeviceError                            the device raised while running a batch
+    └── ConversionError (also ValueError)      packrunner.convert: an ONNX graph it cannot convert
 """
 
 from __future__ import annotations

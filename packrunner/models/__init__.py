@@ -38,6 +38,7 @@ from packrunner.models.builder import (
 from packrunner.models.cache import (
     BUILDER_VERSION,
     CACHE_ENV_VAR,
+    checkpoint_model_path,
     default_cache_dir,
     default_model_path,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "ModelFormatError",
     "Variant",
     "build_bert_onnx",
+    "checkpoint_model_path",
     "default_cache_dir",
     "default_model_path",
     "expected_parameter_shapes",

@@ -24,6 +24,7 @@ __all__ = [
     "BUILDER_VERSION",
     "CACHE_ENV_VAR",
     "DEFAULT_SEED",
+    "checkpoint_model_path",
     "default_cache_dir",
     "default_model_path",
 ]
@@ -120,4 +121,71 @@ def default_model_path(
     )
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, model.SerializeToString(deterministic=True))
+    return path
+
+
+def checkpoint_model_path(
+    folder: str | os.PathLike[str],
+    variant: Variant = "packed",
+    *,
+    batch_size: int = 16,
+    seq_len: int = 256,
+    max_valid_num: int = 40,
+    head: Head | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Path of a model built from a Hugging Face checkpoint folder, built on first use.
+
+    The cache key covers the build parameters and the checkpoint files' size and modification
+    time, so an updated checkpoint is rebuilt.
+
+    Args:
+        folder: Folder with ``config.json`` and ``model.safetensors``.
+        variant: ``"packed"``, ``"padded"`` or ``"unpack_repack"``.
+        batch_size: Rows of the static batch.
+        seq_len: Tokens per row.
+        max_valid_num: Samples per batch / segments per row.
+        head: ``"qa"`` or ``"encoder"``; default: ``"qa"`` when the checkpoint has a QA head.
+        cache_dir: Directory for the file; defaults to :func:`default_cache_dir`.
+    """
+    from packrunner.models.bert import has_qa_head, load_hf_checkpoint
+
+    source = Path(folder).expanduser().resolve()
+    stamps = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in source.iterdir()
+        if p.suffix in (".json", ".safetensors")
+    )
+    params = {
+        "builder_version": BUILDER_VERSION,
+        "source": str(source),
+        "files": stamps,
+        "variant": variant,
+        "head": head,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "max_valid_num": max_valid_num,
+        "opset": MIN_OPSET,
+    }
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
+    path = (
+        directory / f"{source.name}-{variant}-b{batch_size}-s{seq_len}-{digest}.onnx"
+    ).absolute()
+    if path.is_file():
+        return path
+    config, weights = load_hf_checkpoint(source)
+    chosen_head: Head = head if head is not None else ("qa" if has_qa_head(weights) else "encoder")
+    model = build_bert_onnx(
+        config,
+        weights,
+        variant=variant,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_valid_num=max_valid_num,
+        head=chosen_head,
+        opset=MIN_OPSET,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, model.SerializeToString())
     return path

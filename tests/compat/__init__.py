@@ -1,0 +1,1 @@
+"""Tests of packrunner.compat (the PopRT drop-in API)."""
