@@ -324,6 +324,24 @@ class PackRunner:
                 f"no result within {timeout} s; the sample was withdrawn {state}"
             ) from None
 
+    def submit(self, sample: Sample) -> concurrent.futures.Future[Result]:
+        """Submit one sample from any thread without blocking; return a concurrent future.
+
+        For callers that are neither blocking nor on an event loop (callbacks, adapters such
+        as :mod:`packrunner.compat`). The sample is validated and queued before this returns;
+        the future resolves on the runner's engine thread, so callbacks added with
+        ``add_done_callback`` run there and must be quick. Cancelling the future withdraws the
+        sample if it has not been packed yet.
+
+        Raises:
+            InvalidSampleError, OverloadedError, RunnerNotStartedError, RunnerClosedError: As
+                :meth:`execute`, at once.
+        """
+        future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+        request = self._submit(sample, future, None)
+        future.add_done_callback(partial(self._withdraw_if_cancelled, request))
+        return future
+
     def execute_async(self, sample: Sample) -> asyncio.Future[Result]:
         """Submit one sample now; return a future of its outputs on the calling event loop.
 
@@ -345,7 +363,7 @@ class PackRunner:
         future.add_done_callback(partial(self._withdraw_if_cancelled, request))
         return future
 
-    def _withdraw_if_cancelled(self, request: _Request, future: asyncio.Future[Result]) -> None:
+    def _withdraw_if_cancelled(self, request: _Request, future: _AnyFuture) -> None:
         if future.cancelled():
             self._withdraw(request)
 

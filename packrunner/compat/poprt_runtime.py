@@ -23,19 +23,17 @@ raise ``AttributeError`` instead of being ignored.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
+import contextlib
 import difflib
 import enum
-import itertools
 import os
-import threading
 import weakref
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +45,6 @@ from packrunner.errors import (
     ConfigError,
     InvalidSampleError,
     RequestTimeoutError,
-    RunnerClosedError,
 )
 from packrunner.onnx_device import OnnxDevice
 from packrunner.runner import PackRunner, Result
@@ -55,7 +52,6 @@ from packrunner.stats import RunnerStats
 
 __all__ = ["Future", "PackAlgorithm", "PackRunnerConfig", "Runner"]
 
-_T = TypeVar("_T")
 
 #: Output arrays the caller preallocates; the runner writes each sample's values into them.
 OutDict = Mapping[str, npt.NDArray[Any]]
@@ -66,7 +62,6 @@ _DEFAULT_MASK: Final = "attention_mask"
 _POSITION_INPUT: Final = "position_ids"
 _TOKEN_TYPE_INPUT: Final = "token_type_ids"
 _TOKEN_LAYOUTS: Final = frozenset({OutputLayout.PACKED_TOKENS, OutputLayout.SAMPLE_TOKENS})
-_thread_numbers = itertools.count()
 
 
 class PackAlgorithm(enum.Enum):
@@ -350,10 +345,15 @@ class Future:
     :class:`~packrunner.DeviceError`, :class:`~packrunner.RunnerClosedError`, ...).
     """
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_request")
 
-    def __init__(self, future: concurrent.futures.Future[None]) -> None:
+    def __init__(
+        self,
+        future: concurrent.futures.Future[None],
+        request: concurrent.futures.Future[Result] | None = None,
+    ) -> None:
         self._future = future
+        self._request = request  # the engine's future; cancelling it withdraws the sample
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the outputs are written.
@@ -372,9 +372,14 @@ class Future:
         try:
             self._future.result(timeout)
         except concurrent.futures.TimeoutError:
-            # The sample's own error may be a TimeoutError too; only a pending future timed out.
-            # Cancelling its helper task withdraws the sample from the queue if still there.
-            if not self._future.done() and self._future.cancel():
+            if self._future.done():
+                # Finished meanwhile (or its own error is a TimeoutError): report the outcome.
+                self._future.result()
+                return
+            # Cancelling the engine's future withdraws the sample if it is still queued.
+            if self._request is not None:
+                self._request.cancel()
+            if self._future.cancel() or self._future.cancelled():
                 raise RequestTimeoutError(
                     f"no result within {timeout} s; the sample was withdrawn"
                 ) from None
@@ -413,76 +418,6 @@ def _write_outputs(targets: tuple[_OutputTarget, ...], result: Result) -> None:
             target.array[...] = value
 
 
-async def _execute_into(
-    core: PackRunner, sample: dict[str, Any], targets: tuple[_OutputTarget, ...]
-) -> None:
-    result = await core.execute_async(sample)
-    _write_outputs(targets, result)
-
-
-class _LoopThread:
-    """One event loop on a daemon thread that runs every ``execute_async`` of one Runner.
-
-    PackRunner's non-blocking entry point is a coroutine, so PopRT's ``execute_async`` (a plain
-    call returning a future) runs it here: one thread for all requests, not one per request.
-    Results reach this loop in one ``call_soon_threadsafe`` per batch; each request's task
-    then copies its outputs into the caller's arrays, off the engine thread.
-    """
-
-    def __init__(self) -> None:
-        self._loop = _new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._main,
-            args=(ready,),
-            # The "packrunner-" prefix puts it under the tests' leaked-thread check.
-            name=f"packrunner-poprt-loop-{next(_thread_numbers)}",
-            daemon=True,
-        )
-        self._thread.start()
-        ready.wait()
-
-    def _main(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.call_soon(ready.set)
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.close()
-
-    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-
-    def barrier(self) -> None:
-        """Return once every task submitted so far has started (and so reached the engine)."""
-        if threading.current_thread() is not self._thread:
-            self.submit(asyncio.sleep(0)).result()
-
-    def close(self) -> None:
-        """Let every running task finish, then stop the loop and join the thread."""
-        if threading.current_thread() is self._thread:
-            self._loop.stop()  # cannot wait for ourselves; pending tasks are dropped
-            return
-        self.submit(_finish_tasks()).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-
-
-async def _finish_tasks() -> None:
-    current = asyncio.current_task()
-    tasks = [task for task in asyncio.all_tasks() if task is not current]
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 class _Resources:
     """The threads a Runner owns, closable from ``close()``, a finalizer or interpreter exit.
 
@@ -492,30 +427,35 @@ class _Resources:
 
     def __init__(self, core: PackRunner) -> None:
         self.core = core
-        self._lock = threading.Lock()
-        self._closed = False
-        self._loop: _LoopThread | None = None
 
     def submit(self, sample: dict[str, Any], targets: tuple[_OutputTarget, ...]) -> Future:
-        with self._lock:
-            if self._closed:
-                raise RunnerClosedError("the runner is closed")
-            if self._loop is None:
-                self._loop = _LoopThread()  # started on first use: sync-only users never pay
-            # The coroutine is created only now, when it is certain to be scheduled.
-            return Future(self._loop.submit(_execute_into(self.core, sample, targets)))
+        # PackRunner.submit queues the sample now (bad input raises here) and resolves on the
+        # engine thread; the callback copies the outputs into the caller's arrays right there,
+        # so no extra thread or hop is involved.
+        inner = self.core.submit(sample)
+        written: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def write(done: concurrent.futures.Future[Result]) -> None:
+            if done.cancelled():
+                written.cancel()
+                return
+            error = done.exception()
+            try:
+                if error is None:
+                    _write_outputs(targets, done.result())
+            except Exception as exc:  # a result that does not fit out_dict: this sample only
+                error = exc
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                if error is None:
+                    written.set_result(None)
+                else:
+                    written.set_exception(error)
+
+        inner.add_done_callback(write)
+        return Future(written, inner)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            loop = self._loop
-        if loop is not None:
-            loop.barrier()  # every accepted execute_async has reached the engine...
-        self.core.close(drain=True)  # ...so draining runs it and delivers its result
-        if loop is not None:
-            loop.close()
+        self.core.close(drain=True)  # runs every accepted sample and delivers its outputs
 
 
 @dataclass(frozen=True, slots=True)
