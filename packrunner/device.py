@@ -79,6 +79,15 @@ class Device(ABC):
     def output_specs(self) -> Mapping[str, OutputSpec]:
         """The outputs, by name."""
 
+    @property
+    def input_value_limits(self) -> Mapping[str, int]:
+        """Exclusive upper bound of the values of some inputs (e.g. vocabulary sizes).
+
+        The runner refuses samples beyond them at submit time, so one bad id cannot fail a
+        whole batch on the device. Default: none known.
+        """
+        return {}
+
     def open(self) -> None:  # noqa: B027 - optional hook, empty by design
         """Acquire the device. Called once, from the worker thread that will run it."""
 

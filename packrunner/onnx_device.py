@@ -91,6 +91,7 @@ class OnnxDevice(Device):
         self._output_specs = {
             name: self._output_spec(declared[name], layouts.get(name)) for name in wanted
         }
+        self._value_limits = _embedding_sizes(graph, set(self._input_specs))
         self.intra_op_num_threads = intra_op_num_threads or os.cpu_count() or 1
         self.providers = tuple(providers)
         self.allow_spinning = allow_spinning
@@ -109,6 +110,11 @@ class OnnxDevice(Device):
     def output_specs(self) -> Mapping[str, OutputSpec]:
         """The fetched outputs and their layouts."""
         return self._output_specs
+
+    @property
+    def input_value_limits(self) -> Mapping[str, int]:
+        """Rows of the embedding table each input indexes (its vocabulary size), if any."""
+        return self._value_limits
 
     def open(self) -> None:
         """Create the onnxruntime session (on the worker thread that will run it)."""
@@ -236,3 +242,27 @@ def _infer_layout(
     raise ConfigError(
         f"cannot tell the layout of output {name!r} with shape {dims}; pass output_layouts"
     )
+
+
+def _embedding_sizes(graph: onnx.GraphProto, inputs: set[str]) -> dict[str, int]:
+    """Rows of the embedding table each graph input indexes (through Casts), per input.
+
+    An id at or beyond that makes onnxruntime's Gather fail the whole batch; knowing the bound
+    lets the runner refuse the one bad sample at submit time instead.
+    """
+    initializers = {init.name: init for init in graph.initializer}
+    # Follow value-preserving casts so converted models (int32 inputs cast to int64) count too.
+    origin = {name: name for name in inputs}
+    for node in graph.node:
+        if node.op_type in ("Cast", "Identity") and node.input and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+    sizes: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) != 2 or node.input[1] not in origin:
+            continue
+        table = initializers.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is not None and axis == 0 and len(table.dims) >= 1:
+            name, size = origin[node.input[1]], int(table.dims[0])
+            sizes[name] = min(size, sizes.get(name, size))
+    return sizes

@@ -158,7 +158,7 @@ class PackRunner:
                 f"device must be a Device or a non-empty sequence of them, got {device!r}"
             )
         self._io = _describe_devices(self._devices, self._config)
-        self._schema = _schema_for(self._io, self._config)
+        self._schema = _schema_for(self._io, self._config, self._devices[0].input_value_limits)
         self._max_inflight = self._config.max_inflight_batches or len(self._devices) + 1
         self._window = max(self._config.lookahead, self._config.max_valid_num + 1)
         self._use_uvloop = use_uvloop
@@ -816,12 +816,21 @@ def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _Devic
     )
 
 
-def _schema_for(io: _DeviceIO, config: RunnerConfig) -> SampleSchema:
-    limits: dict[str, int] = {config.token_type_input_name: config.type_vocab_size}
+def _schema_for(
+    io: _DeviceIO, config: RunnerConfig, device_limits: Mapping[str, int]
+) -> SampleSchema:
+    # The device knows its tables (e.g. an ONNX model's embedding rows); the config may only
+    # tighten them.
+    limits = dict(device_limits)
+
+    def tighten(name: str, bound: int) -> None:
+        limits[name] = min(bound, limits.get(name, bound))
+
+    tighten(config.token_type_input_name, config.type_vocab_size)
     if config.vocab_size is not None:
-        limits[config.dynamic_input_name] = config.vocab_size
+        tighten(config.dynamic_input_name, config.vocab_size)
     if io.position_input is not None:
-        limits[io.position_input] = config.seq_len
+        tighten(io.position_input, config.seq_len)
     return SampleSchema(
         dynamic_input=config.dynamic_input_name,
         token_inputs=io.token_inputs,

@@ -17,6 +17,7 @@ from packrunner import (
     ConfigError,
     Device,
     DeviceError,
+    InvalidSampleError,
     OutputLayout,
     PackAlgorithm,
     PackRunner,
@@ -150,17 +151,39 @@ def test_session_that_cannot_load_fails_start(tmp_path):
         runner.start()
 
 
+async def test_ids_beyond_the_models_vocabulary_are_refused_at_submit():
+    device = OnnxDevice(default_model_path("packed"))
+    limits = {"input_ids": 30522, "token_type_ids": 2, "position_ids": 512}
+    assert device.input_value_limits == limits
+    async with PackRunner(device, RunnerConfig()) as runner:  # no vocab_size in the config
+        with pytest.raises(InvalidSampleError, match="must be < 30522"):
+            runner.execute_async({"input_ids": np.array([1, 30522], dtype=np.int32)})
+
+
+class CorruptingDevice(OnnxDevice):
+    """Hands onnxruntime a wrongly typed feed whenever a batch holds the poison id."""
+
+    POISON = 7
+
+    def run(self, feeds):
+        if bool((feeds["input_ids"] == self.POISON).any()):
+            feeds = dict(feeds, input_ids=feeds["input_ids"].astype(np.float32))
+        return super().run(feeds)
+
+
 async def test_onnxruntime_failure_fails_only_its_batch():
-    # Ids beyond the embedding table make onnxruntime's Gather fail; vocab_size is left unset
-    # so the runner does not refuse them at submit time.
-    device = OnnxDevice(default_model_path("packed"), intra_op_num_threads=1)
+    device = CorruptingDevice(default_model_path("padded"), intra_op_num_threads=1)
     config = RunnerConfig(algorithm=PackAlgorithm.PADDED, timeout_us=1_000)
+    clean = [s for s in SAMPLES if CorruptingDevice.POISON not in s["input_ids"]][:20]
     async with PackRunner(device, config) as runner:
-        bad = await asyncio.gather(
-            runner.execute_async({"input_ids": np.array([10**6], dtype=np.int32)}),
+        outcomes = await asyncio.gather(
+            runner.execute_async({"input_ids": np.array([7, 8], dtype=np.int32)}),
+            *(runner.execute_async(s) for s in clean),
             return_exceptions=True,
         )
-        good = await runner.execute_async(SAMPLES[0])
-    assert isinstance(bad[0], DeviceError)
-    assert "onnxruntime" in str(bad[0])
-    assert good["start_logits"].shape == (LENGTHS[0],)
+        after = await runner.execute_async(clean[0])
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert isinstance(outcomes[0], DeviceError) and "onnxruntime" in str(outcomes[0])
+    assert isinstance(outcomes[0].__cause__, DeviceError)  # OnnxDevice's own, cause chained
+    assert len(failed) == 16, "only the poisoned sample's batch (16 padded rows) fails"
+    assert after["start_logits"].shape == (len(clean[0]["input_ids"]),)

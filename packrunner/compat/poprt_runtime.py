@@ -587,7 +587,7 @@ class Runner:
 
         Does not block and starts no thread per call. Arguments as :meth:`execute`. Bad feeds
         or out_dict raise at once; errors found while the sample is in the runner (values out
-        of the model's vocabulary, a device failure, ...) are raised by ``future.wait()``.
+        of the model's vocabulary included); a device failure is raised by ``future.wait()``.
 
         Raises:
             InvalidSampleError: Bad feeds or out_dict (nothing was queued).
@@ -722,7 +722,7 @@ def _plan(
     unpack_name = config.unpack_info_input_name or _DEFAULT_UNPACK_INFO
     dynamic = config.dynamic_input_name or _DEFAULT_DYNAMIC_INPUT
     takes_unpack_info = unpack_name in inputs
-    limits = _embedding_sizes(model)
+    limits = device.input_value_limits
     ignored: set[str] = set()
     options: dict[str, Any] = {
         "batch_size": device.batch_size,
@@ -782,24 +782,3 @@ def _no_cap(device: OnnxDevice, model: onnx.ModelProto) -> int:
             if len(dims) >= 2 and dims[1].dim_value > 0:
                 cap = min(cap, dims[1].dim_value)
     return cap
-
-
-def _embedding_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """Rows of the embedding table each graph input indexes directly (its vocabulary size).
-
-    The runner checks ids against these at submit time, so one out-of-range id is refused with
-    a clear error instead of failing the whole batch inside onnxruntime.
-    """
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    inputs = {value.name for value in graph.input}
-    sizes: dict[str, int] = {}
-    for node in graph.node:
-        if node.op_type != "Gather" or len(node.input) != 2 or node.input[1] not in inputs:
-            continue
-        table = initializers.get(node.input[0])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if table is not None and axis == 0 and len(table.dims) >= 1:
-            size = int(table.dims[0])
-            sizes[node.input[1]] = min(size, sizes.get(node.input[1], size))
-    return sizes
