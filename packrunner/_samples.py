@@ -7,7 +7,7 @@ refused with a precise message and can never reach (and poison) a batch.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -18,6 +18,7 @@ __all__ = ["PreparedSample", "SampleSchema"]
 
 Int32Array = npt.NDArray[np.int32]
 _INT32_MAX = np.iinfo(np.int32).max
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +41,9 @@ class SampleSchema:
         zero_default: Token inputs that default to zeros (``token_type_ids``).
         position_input: Optional per-token position ids (default 0..L-1).
         mask_input: Optional 1-D mask, which must be all ones if given.
-        ignored_inputs: Names accepted and dropped (e.g. a PopRT ``unpack_info`` placeholder).
         seq_len: Longest sample accepted.
         value_limits: Per input name, the exclusive upper bound of its values (vocabularies).
+        known_inputs: Every name a sample may carry (derived).
     """
 
     dynamic_input: str
@@ -52,7 +53,12 @@ class SampleSchema:
     mask_input: str | None
     seq_len: int
     value_limits: Mapping[str, int]
-    ignored_inputs: frozenset[str] = frozenset()
+    known_inputs: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        known = {*self.token_inputs}
+        known.update(name for name in (self.position_input, self.mask_input) if name)
+        object.__setattr__(self, "known_inputs", frozenset(known))
 
     def prepare(self, sample: object) -> PreparedSample:
         """Validate ``sample`` and return it as int32 arrays.
@@ -60,16 +66,13 @@ class SampleSchema:
         Raises:
             InvalidSampleError: With a message naming the input and what is wrong with it.
         """
-        if not isinstance(sample, Mapping):
+        # The dict check first: it is the common case and much cheaper than the ABC check.
+        if not isinstance(sample, dict) and not isinstance(sample, Mapping):
             raise InvalidSampleError(
                 f"a sample must be a mapping of input name to 1-D integer array, "
                 f"got {type(sample).__name__}"
             )
-        known = {*self.token_inputs, *self.ignored_inputs}
-        if self.position_input is not None:
-            known.add(self.position_input)
-        if self.mask_input is not None:
-            known.add(self.mask_input)
+        known = self.known_inputs
         unknown = [name for name in sample if name not in known]
         if unknown:
             raise InvalidSampleError(
@@ -154,15 +157,18 @@ class SampleSchema:
         return array
 
     def _check_values(self, name: str, array: npt.NDArray[np.generic]) -> Int32Array:
-        low = int(array.min())
-        high = int(array.max())
-        if low < 0:
-            raise InvalidSampleError(
-                f"input {name!r} has a negative value ({low})", input_name=name
-            )
         limit = self.value_limits.get(name, _INT32_MAX + 1)
-        if high >= limit:
+        # One reduction instead of min() and max(): seen as unsigned, negative values become
+        # huge, so "every value in [0, limit)" is "the unsigned maximum is below limit".
+        unsigned = array.view(_UNSIGNED[array.dtype.itemsize])
+        if int(unsigned.max()) >= limit:
+            low = int(array.min())
+            if low < 0:
+                raise InvalidSampleError(
+                    f"input {name!r} has a negative value ({low})", input_name=name
+                )
             raise InvalidSampleError(
-                f"input {name!r} has value {high}, must be < {limit}", input_name=name
+                f"input {name!r} has value {int(array.max())}, must be < {limit}",
+                input_name=name,
             )
         return np.ascontiguousarray(array, dtype=np.int32)

@@ -87,8 +87,6 @@ def _device_factory(args: argparse.Namespace) -> tuple[str, object]:
 
 def _compare(args: argparse.Namespace) -> int:
     algorithms = [PackAlgorithm(name) for name in args.algorithms.split(",")]
-    if args.iterations is None:
-        args.iterations = 100 if args.device == "sim" else 30
     samples = seed_dataset(
         args.iterations * args.batch_size,
         avg_seq_len=args.avg_seq_len,
@@ -148,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--unpack-repack-model", help="unpack/repack ONNX model for stream")
     compare.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     compare.add_argument(
-        "--iterations", type=int, default=None, help="batches' worth of samples (sim 100, onnx 30)"
+        "--iterations", type=int, default=100, help="batches' worth of samples (the seed's 100)"
     )
     compare.add_argument("--batch_size", "--batch-size", type=int, default=16)
     compare.add_argument("--max_seq_len", "--max-seq-len", type=int, default=256)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +14,29 @@ import onnx
 from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
 from packrunner.errors import ConfigError, DeviceError
 
-__all__ = ["OnnxDevice"]
+__all__ = ["BATCH_COUPLING_OPS", "OnnxDevice"]
+
+# Ops whose result for one sample can depend on the other samples of its batch, or that take
+# a padding mask instead of our additive block-diagonal bias. onnxruntime's fused attention
+# (what its transformer optimizer and int8 quantizer emit) drops or cannot express the segment
+# bias, and dynamic quantization picks one scale from the whole batch's activations: either way
+# packed samples would influence each other, so such models are refused unless the caller opts
+# in (after checking equivalence with packrunner.accuracy).
+BATCH_COUPLING_OPS: Final = frozenset(
+    {
+        "Attention",
+        "QAttention",
+        "MultiHeadAttention",
+        "PackedAttention",
+        "PackedMultiHeadAttention",
+        "GroupQueryAttention",
+        "DecoderAttention",
+        "DynamicQuantizeLinear",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulIntegerToFloat",
+    }
+)
 
 # ONNX TensorProto element types the runner can feed (token ids, masks, lengths).
 _INTEGER_TYPES: dict[int, np.dtype[Any]] = {
@@ -43,6 +65,9 @@ class OnnxDevice(Device):
         output_names: Only fetch these outputs (default: all).
         allow_spinning: Let idle onnxruntime threads spin between runs (lower latency for one
             device; turn off when several sessions share the cores).
+        allow_batch_coupling_ops: Accept a model with fused attention or dynamic quantization
+            ops (:data:`BATCH_COUPLING_OPS`), which can make one sample's outputs depend on its
+            batch mates. Only after checking packed against padded results yourself.
 
     Raises:
         ConfigError: The model's inputs are not integer tensors of one fixed shape.
@@ -60,12 +85,23 @@ class OnnxDevice(Device):
         output_layouts: Mapping[str, OutputLayout] | None = None,
         output_names: Sequence[str] | None = None,
         allow_spinning: bool = True,
+        allow_batch_coupling_ops: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ConfigError(f"model_path {str(self.model_path)!r} is not a file")
         model = onnx.load(str(self.model_path), load_external_data=False)
         graph = model.graph
+        coupling = sorted({node.op_type for node in graph.node} & BATCH_COUPLING_OPS)
+        if coupling and not allow_batch_coupling_ops:
+            raise ConfigError(
+                f"model {self.model_path.name} contains {coupling}: fused attention ignores the "
+                "block-diagonal segment bias and dynamic quantization scales each batch as a "
+                "whole, so packed samples would influence each other. Use the unfused fp32 "
+                "graph (packrunner's builder or `packrunner convert` output), or pass "
+                "allow_batch_coupling_ops=True after proving equivalence with "
+                "packrunner.accuracy.compare_results"
+            )
         initializers = {init.name for init in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]
         symbols = {"batch": batch_size, "seq": seq_len, "valid": max_valid_num}

@@ -187,3 +187,22 @@ async def test_onnxruntime_failure_fails_only_its_batch():
     assert isinstance(outcomes[0].__cause__, DeviceError)  # OnnxDevice's own, cause chained
     assert len(failed) == 16, "only the poisoned sample's batch (16 padded rows) fails"
     assert after["start_logits"].shape == (len(clean[0]["input_ids"]),)
+
+
+async def test_dynamically_quantized_model_is_refused_and_would_leak(tmp_path, padded_results):
+    """Dynamic int8 quantization scales each batch as a whole: refused, and for good reason."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = tmp_path / "packed-int8.onnx"
+    quantize_dynamic(str(default_model_path("packed")), str(quantized), weight_type=QuantType.QInt8)
+    with pytest.raises(ConfigError, match="DynamicQuantizeLinear"):
+        OnnxDevice(quantized)
+    # Opting in runs it, but a sample's logits now depend on its batch mates: the same samples
+    # packed differently (lookahead vs first_fit) disagree far beyond fp32 noise.
+    device = OnnxDevice(quantized, allow_batch_coupling_ops=True)
+    lookahead = await run_all(device, PackAlgorithm.LOOKAHEAD)
+    first_fit = await run_all(
+        OnnxDevice(quantized, allow_batch_coupling_ops=True), PackAlgorithm.FIRST_FIT
+    )
+    report = compare_results(lookahead, first_fit, LENGTHS)
+    assert report["start_logits"].max_abs_diff > 1e-4

@@ -29,7 +29,7 @@ __all__ = [
     "default_model_path",
 ]
 
-BUILDER_VERSION: Final = 1
+BUILDER_VERSION: Final = 2
 """Bump whenever the graph builder or :func:`random_bert_weights` changes what it produces."""
 
 CACHE_ENV_VAR: Final = "PACKRUNNER_CACHE"

@@ -107,7 +107,8 @@ def test_io_contract(converted: onnx.ModelProto) -> None:
 def test_old_mask_subgraph_is_gone(converted: onnx.ModelProto) -> None:
     # The segment ids feed only the new block-diagonal bias: nothing reads them as a 0/1 mask.
     readers = [n for n in converted.graph.node if "attention_mask" in n.input]
-    assert sorted(n.op_type for n in readers) == ["Unsqueeze", "Unsqueeze"]
+    # Query segments (Unsqueeze), and key segments with padding made -1 (Greater, Where).
+    assert sorted(n.op_type for n in readers) == ["Greater", "Unsqueeze", "Where"]
     bias_values = [
         float(numpy_helper.to_array(t))
         for t in converted.graph.initializer
