@@ -14,8 +14,11 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
+
+import onnx
 
 from packrunner.models.bert import DEFAULT_CONFIG, random_bert_weights
 from packrunner.models.builder import MIN_OPSET, Head, Variant, build_bert_onnx
@@ -102,23 +105,36 @@ def default_model_path(
         "max_valid_num": max_valid_num,
         "opset": MIN_OPSET,
     }
+    stem = f"bert-{variant}-{head}-b{batch_size}-s{seq_len}-m{max_valid_num}"
+
+    def build() -> onnx.ModelProto:
+        return build_bert_onnx(
+            DEFAULT_CONFIG,
+            random_bert_weights(DEFAULT_CONFIG, seed=DEFAULT_SEED),
+            variant=variant,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_valid_num=max_valid_num,
+            head=head,
+            opset=MIN_OPSET,
+        )
+
+    return _cached_model(stem, params, build, cache_dir)
+
+
+def _cached_model(
+    stem: str,
+    params: dict[str, object],
+    build: Callable[[], onnx.ModelProto],
+    cache_dir: str | os.PathLike[str] | None,
+) -> Path:
+    """The cached file for ``params`` (hashed into its name), built and written on first use."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
-    path = (
-        directory / f"bert-{variant}-{head}-b{batch_size}-s{seq_len}-m{max_valid_num}-{digest}.onnx"
-    ).absolute()
+    path = (directory / f"{stem}-{digest}.onnx").absolute()
     if path.is_file():
         return path
-    model = build_bert_onnx(
-        DEFAULT_CONFIG,
-        random_bert_weights(DEFAULT_CONFIG, seed=DEFAULT_SEED),
-        variant=variant,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        max_valid_num=max_valid_num,
-        head=head,
-        opset=MIN_OPSET,
-    )
+    model = build()
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, model.SerializeToString(deterministic=True))
     return path
@@ -167,25 +183,20 @@ def checkpoint_model_path(
         "max_valid_num": max_valid_num,
         "opset": MIN_OPSET,
     }
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-    directory = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
-    path = (
-        directory / f"{source.name}-{variant}-b{batch_size}-s{seq_len}-{digest}.onnx"
-    ).absolute()
-    if path.is_file():
-        return path
-    config, weights = load_hf_checkpoint(source)
-    chosen_head: Head = head if head is not None else ("qa" if has_qa_head(weights) else "encoder")
-    model = build_bert_onnx(
-        config,
-        weights,
-        variant=variant,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        max_valid_num=max_valid_num,
-        head=chosen_head,
-        opset=MIN_OPSET,
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, model.SerializeToString())
-    return path
+
+    def build() -> onnx.ModelProto:
+        config, weights = load_hf_checkpoint(source)
+        chosen: Head = head if head is not None else ("qa" if has_qa_head(weights) else "encoder")
+        return build_bert_onnx(
+            config,
+            weights,
+            variant=variant,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_valid_num=max_valid_num,
+            head=chosen,
+            opset=MIN_OPSET,
+        )
+
+    stem = f"{source.name}-{variant}-b{batch_size}-s{seq_len}-m{max_valid_num}"
+    return _cached_model(stem, params, build, cache_dir)
