@@ -164,6 +164,9 @@ class PackRunner:
         self._use_uvloop = use_uvloop
 
         self._lock = threading.Lock()
+        # Serialises start() and close() against each other (they block on threads, so they
+        # cannot hold _lock, which submitters take).
+        self._lifecycle = threading.Lock()
         self._state = _State.CREATED
         self._pending: OrderedDict[int, _Request] = OrderedDict()
         self._pending_tokens = 0
@@ -195,6 +198,10 @@ class PackRunner:
             DeviceError: A device failed to open; nothing is left running.
             RunnerClosedError: The runner was already closed.
         """
+        with self._lifecycle:
+            return self._start()
+
+    def _start(self) -> Self:
         with self._lock:
             if self._state is _State.RUNNING:
                 return self
@@ -238,6 +245,16 @@ class PackRunner:
                 waiting to be packed with :class:`~packrunner.RunnerClosedError`; batches
                 already on a device finish and deliver normally.
         """
+        if threading.current_thread() is self._engine_thread:
+            # From a submit() callback: begin the shutdown; the engine finishes it itself.
+            self._begin_close(drain)
+            return
+        with self._lifecycle:
+            self._begin_close(drain)
+            if self._engine_thread is not None:
+                self._engine_thread.join()
+
+    def _begin_close(self, drain: bool) -> None:
         with self._lock:
             state = self._state
             if state is _State.CREATED:
@@ -256,11 +273,6 @@ class PackRunner:
             _deliver_errors(abandoned, error)
         if state is _State.RUNNING:
             self._wake_threadsafe()
-        if (
-            self._engine_thread is not None
-            and self._engine_thread is not threading.current_thread()
-        ):
-            self._engine_thread.join()
 
     async def aclose(self, *, drain: bool = True) -> None:
         """Async form of :meth:`close` (runs the blocking shutdown in a thread)."""
@@ -310,6 +322,11 @@ class PackRunner:
             RequestTimeoutError: ``timeout`` expired; the sample is withdrawn if not yet packed.
             DeviceError: The device failed on this sample's batch.
         """
+        if threading.current_thread() is self._engine_thread:
+            raise RuntimeError(
+                "execute() on the runner's own engine thread (e.g. inside a submit() callback) "
+                "would wait for itself; use submit() there"
+            )
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
         request = self._submit(sample, future, None)
         try:

@@ -131,3 +131,40 @@ def test_simulated_device_takes_its_latency_without_burning_cpu():
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert wall >= 0.05
     assert cpu < wall / 2
+
+
+def test_submit_returns_a_concurrent_future_and_cancel_withdraws():
+    device = GatedDevice()
+    config = RunnerConfig(timeout_us=0, max_inflight_batches=1)
+    with PackRunner(device, config) as runner:
+        first = runner.submit({"input_ids": [1]})
+        device.entered.acquire()
+        doomed = runner.submit({"input_ids": [2, 2]})
+        kept = runner.submit({"input_ids": [3, 3, 3]})
+        assert doomed.cancel()
+        device.gate.set()
+        assert_matches_reference({"input_ids": [1]}, first.result(10))
+        assert_matches_reference({"input_ids": [3, 3, 3]}, kept.result(10))
+        stats = runner.stats()
+    assert stats.withdrawn == 1 and stats.samples == 2
+    assert device.batch_sizes == [1, 1]
+
+
+def test_callbacks_on_the_engine_thread_cannot_deadlock_it():
+    outcomes: list[object] = []
+    runner = PackRunner(SimulatedDevice(batch_latency_us=0), RunnerConfig(timeout_us=0)).start()
+
+    def on_done(future):
+        try:
+            runner.execute({"input_ids": [5]})  # would wait for the thread running it
+        except RuntimeError as exc:
+            outcomes.append(exc)
+        runner.close()  # allowed: begins the shutdown, the engine completes it
+        outcomes.append(future.result())
+
+    runner.submit({"input_ids": [4]}).add_done_callback(on_done)
+    runner.close()  # joins; returns once the engine has wound down
+    assert isinstance(outcomes[0], RuntimeError) and "engine thread" in str(outcomes[0])
+    assert isinstance(outcomes[1], dict)
+    with pytest.raises(RunnerClosedError):
+        runner.submit({"input_ids": [6]})
