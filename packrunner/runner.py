@@ -51,7 +51,13 @@ from packrunner.errors import (
 from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
 from packrunner.stats import RunnerStats
 
-__all__ = ["PackRunner", "Result"]
+__all__ = ["LATENCY_BUCKETS_S", "PackRunner", "Result"]
+
+#: Upper bounds (seconds, inclusive) of the request-latency histogram in :class:`RunnerStats`.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_LATENCY_BOUNDS = np.array(LATENCY_BUCKETS_S)
 
 logger = logging.getLogger("packrunner")
 
@@ -93,6 +99,7 @@ class _Batch:
     plan: PackPlan
     feeds: dict[str, npt.NDArray[Any]]
     reason: str  # "full" | "timeout" | "drain"
+    packed_at: float = 0.0  # monotonic time the batch was formed
 
 
 @dataclass(slots=True)
@@ -110,6 +117,11 @@ class _Counters:
     samples: int = 0
     tokens: int = 0
     device_busy_s: float = 0.0
+    latency_sum_s: float = 0.0
+    queue_wait_sum_s: float = 0.0
+    latency_counts: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.zeros(len(LATENCY_BUCKETS_S) + 1, dtype=np.int64)
+    )
 
 
 @dataclass(slots=True)
@@ -408,6 +420,10 @@ class PackRunner:
                 queue_depth=len(self._pending),
                 inflight_batches=self._inflight,
                 device_busy_s=c.device_busy_s,
+                latency_sum_s=c.latency_sum_s,
+                queue_wait_sum_s=c.queue_wait_sum_s,
+                latency_bucket_bounds_s=LATENCY_BUCKETS_S,
+                latency_bucket_counts=tuple(int(n) for n in c.latency_counts),
             )
 
     def _submit(
@@ -607,9 +623,9 @@ class PackRunner:
                 feeds[name] = feeds[name].astype(dtype)
         except Exception as exc:  # a bug in packing: fail this batch only
             logger.exception("packing a batch failed")
-            self._finish(_Batch(requests, plan, {}, reason), None, exc, 0.0)
+            self._finish(_Batch(requests, plan, {}, reason, time.monotonic()), None, exc, 0.0)
             return
-        self._work.put(_Batch(requests, plan, feeds, reason))
+        self._work.put(_Batch(requests, plan, feeds, reason, time.monotonic()))
 
     def _finish(
         self,
@@ -627,9 +643,20 @@ class PackRunner:
                 )
             except Exception as exc:
                 error = exc
+        # Request latency (arrival to delivery) and queue wait (arrival to packing), as a
+        # histogram: a few numpy calls per batch, none per request.
+        now = time.monotonic()
+        arrivals = np.fromiter((r.arrival for r in batch.requests), np.float64, len(batch.requests))
+        latencies = now - arrivals
+        buckets = np.bincount(
+            np.searchsorted(_LATENCY_BOUNDS, latencies), minlength=len(_LATENCY_BOUNDS) + 1
+        )
         with self._lock:
             self._inflight -= 1
             self._counters.device_busy_s += busy_s
+            self._counters.latency_counts += buckets
+            self._counters.latency_sum_s += float(latencies.sum())
+            self._counters.queue_wait_sum_s += float((batch.packed_at - arrivals).sum())
             if results is None:
                 self._counters.batches_failed += 1
                 self._counters.failed += len(batch.requests)

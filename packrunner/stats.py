@@ -30,6 +30,11 @@ class RunnerStats:
         queue_depth: Samples waiting to be packed now.
         inflight_batches: Batches packed and not yet finished now.
         device_busy_s: Total time spent inside ``Device.run``.
+        latency_sum_s: Sum over finished samples of submit-to-result time.
+        queue_wait_sum_s: Sum over dispatched samples of submit-to-packing time.
+        latency_bucket_bounds_s: Upper bounds of the latency histogram's buckets (seconds).
+        latency_bucket_counts: Finished samples per bucket (not cumulative); one more entry
+            than bounds, for latencies above the last bound.
     """
 
     requests: int
@@ -49,3 +54,17 @@ class RunnerStats:
     queue_depth: int
     inflight_batches: int
     device_busy_s: float
+    latency_sum_s: float = 0.0
+    queue_wait_sum_s: float = 0.0
+    latency_bucket_bounds_s: tuple[float, ...] = ()
+    latency_bucket_counts: tuple[int, ...] = ()
+
+    @property
+    def finished(self) -> int:
+        """Samples whose batch finished (with results or a device error)."""
+        return sum(self.latency_bucket_counts)
+
+    @property
+    def mean_latency_s(self) -> float:
+        """Mean submit-to-result time of finished samples."""
+        return self.latency_sum_s / self.finished if self.finished else 0.0
