@@ -186,8 +186,10 @@ def _run_online(
     return asyncio.run(go())
 
 
-def run_bench(args: argparse.Namespace, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run everything; return the results payload (also written as JSON)."""
+def run_bench(
+    args: argparse.Namespace, echo: Callable[[str], None] = print, *, command: str | None = None
+) -> dict[str, Any]:
+    """Run everything; return the results payload (also written as JSON with ``command``)."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -315,7 +317,7 @@ def run_bench(args: argparse.Namespace, echo: Callable[[str], None] = print) -> 
             def tick(task_id: Any = task) -> None:
                 progress.advance(task_id)
 
-            with _target(name, args, devices) as target:
+            with _LatencyTarget(name, args, devices) as target:
                 _quiesce()
                 summary, latencies = closed_loop(
                     target,
@@ -380,9 +382,7 @@ def run_bench(args: argparse.Namespace, echo: Callable[[str], None] = print) -> 
     payload: dict[str, Any] = {
         "packrunner_version": __version__,
         "title": title,
-        "command": " ".join(["packrunner", "bench", *sys.argv[2:]])
-        if sys.argv[1:2] == ["bench"]
-        else None,
+        "command": command,
         "args": vars(args),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "models": devices.paths,
@@ -450,7 +450,7 @@ def _knee(points: Sequence[dict[str, Any]]) -> float | None:
     return max(kept) if kept else None
 
 
-class _target:
+class _LatencyTarget:
     """Context manager giving a started latency target (runner or peer) and closing it after."""
 
     def __init__(self, name: str, args: argparse.Namespace, devices: _Devices) -> None:
@@ -602,8 +602,9 @@ def _print_report(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``packrunner bench`` and ``python -m benchmarks.packed_bert``."""
-    args = build_parser().parse_args(argv)
-    run_bench(args)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
+    run_bench(args, command=" ".join(["packrunner", "bench", *arguments]))
     return 0
 
 
