@@ -51,7 +51,7 @@ from packrunner.errors import (
 from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
 from packrunner.stats import RunnerStats
 
-__all__ = ["LATENCY_BUCKETS_S", "PackRunner", "Result"]
+__all__ = ["LATENCY_BUCKETS_S", "BatchFeeder", "PackRunner", "Result"]
 
 #: Upper bounds (seconds, inclusive) of the request-latency histogram in :class:`RunnerStats`.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -169,8 +169,7 @@ class PackRunner:
             raise ConfigError(
                 f"device must be a Device or a non-empty sequence of them, got {device!r}"
             )
-        self._io = _describe_devices(self._devices, self._config)
-        self._schema = _schema_for(self._io, self._config, self._devices[0].input_value_limits)
+        self._feeder = BatchFeeder(self._devices, self._config)
         self._max_inflight = self._config.max_inflight_batches or len(self._devices) + 1
         self._window = max(self._config.lookahead, self._config.max_valid_num + 1)
         self._use_uvloop = use_uvloop
@@ -431,7 +430,7 @@ class PackRunner:
     ) -> _Request:
         """The one submit path: validate on the caller's thread, then enqueue."""
         try:
-            prepared = self._schema.prepare(sample)
+            prepared = self._feeder.prepare(sample)
         except PackRunnerError:
             with self._lock:
                 self._counters.rejected_invalid += 1
@@ -590,37 +589,8 @@ class PackRunner:
                     pass
 
     def _dispatch(self, requests: list[_Request], plan: PackPlan, reason: str) -> None:
-        io = self._io
-        config = self._config
         try:
-            token_inputs = {
-                name: [r.sample.tokens[name] for r in requests] for name in io.token_inputs
-            }
-            positions = None
-            if io.position_input is not None and any(
-                r.sample.positions is not None for r in requests
-            ):
-                positions = [
-                    r.sample.positions
-                    if r.sample.positions is not None
-                    else np.arange(r.sample.length, dtype=np.int32)
-                    for r in requests
-                ]
-            feeds: dict[str, npt.NDArray[Any]] = dict(
-                build_feeds(
-                    plan,
-                    token_inputs,
-                    batch_size=config.batch_size,
-                    seq_len=config.seq_len,
-                    position_input=io.position_input,
-                    position_values=positions,
-                    mask_input=io.mask_input,
-                    unpack_info_input=io.unpack_info_input,
-                    max_valid_num=config.max_valid_num,
-                )
-            )
-            for name, dtype in io.casts.items():
-                feeds[name] = feeds[name].astype(dtype)
+            feeds = self._feeder.feeds(plan, [r.sample for r in requests])
         except Exception as exc:  # a bug in packing: fail this batch only
             logger.exception("packing a batch failed")
             self._finish(_Batch(requests, plan, {}, reason, time.monotonic()), None, exc, 0.0)
@@ -639,7 +609,7 @@ class PackRunner:
         if error is None and outputs is not None:
             try:
                 results = unpack_outputs(
-                    batch.plan, outputs, self._io.outputs, seq_len=self._config.seq_len
+                    batch.plan, outputs, self._feeder.outputs, seq_len=self._config.seq_len
                 )
             except Exception as exc:
                 error = exc
@@ -778,6 +748,66 @@ def _set_sync(future: _AnyFuture, result: Result | None, error: BaseException | 
 
 
 # ----------------------------------------------------------------------------- device checks
+
+
+class BatchFeeder:
+    """What a runner feeds its devices: sample validation and fixed-shape feed building.
+
+    Derived once from the devices' specs and the config (and refusing devices that do not fit
+    them). PackRunner uses one; offline runs and benchmarks that drive a device directly use
+    one too, so every path builds exactly the same feeds.
+
+    Args:
+        devices: One device, or several identical ones.
+        config: The runner configuration (its algorithm decides which inputs are required).
+
+    Raises:
+        ConfigError: The devices do not fit the config.
+    """
+
+    def __init__(self, devices: Device | Sequence[Device], config: RunnerConfig) -> None:
+        devices = (devices,) if isinstance(devices, Device) else tuple(devices)
+        self.config = config
+        self._io = _describe_devices(devices, config)
+        self._schema = _schema_for(self._io, config, devices[0].input_value_limits)
+
+    @property
+    def outputs(self) -> Mapping[str, OutputSpec]:
+        """The devices' outputs and their layouts."""
+        return self._io.outputs
+
+    def prepare(self, sample: object) -> PreparedSample:
+        """Validate one sample (raises :class:`~packrunner.InvalidSampleError`)."""
+        return self._schema.prepare(sample)
+
+    def feeds(
+        self, plan: PackPlan, samples: Sequence[PreparedSample]
+    ) -> dict[str, npt.NDArray[Any]]:
+        """The device feeds for ``samples`` (in the plan's slot order), in the device dtypes."""
+        io, config = self._io, self.config
+        token_inputs = {name: [s.tokens[name] for s in samples] for name in io.token_inputs}
+        positions = None
+        if io.position_input is not None and any(s.positions is not None for s in samples):
+            positions = [
+                s.positions if s.positions is not None else np.arange(s.length, dtype=np.int32)
+                for s in samples
+            ]
+        feeds: dict[str, npt.NDArray[Any]] = dict(
+            build_feeds(
+                plan,
+                token_inputs,
+                batch_size=config.batch_size,
+                seq_len=config.seq_len,
+                position_input=io.position_input,
+                position_values=positions,
+                mask_input=io.mask_input,
+                unpack_info_input=io.unpack_info_input,
+                max_valid_num=config.max_valid_num,
+            )
+        )
+        for name, dtype in io.casts.items():
+            feeds[name] = feeds[name].astype(dtype)
+        return feeds
 
 
 def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _DeviceIO:

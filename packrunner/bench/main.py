@@ -151,6 +151,12 @@ OFFLINE_MODES: dict[str, str] = {
     "offline_attention_mask": "packed",
     "offline_unpack_repack": "unpack_repack",
 }
+# The runner algorithm whose device checks and feeds each model kind gets.
+OFFLINE_ALGORITHMS: dict[str, PackAlgorithm] = {
+    "padded": PackAlgorithm.PADDED,
+    "packed": PackAlgorithm.LOOKAHEAD,
+    "unpack_repack": PackAlgorithm.STREAM,
+}
 
 
 def _config(args: argparse.Namespace, algorithm: PackAlgorithm) -> RunnerConfig:
@@ -248,9 +254,7 @@ def run_bench(
                             device,
                             samples,
                             plans[name],
-                            batch_size=args.batch_size,
-                            seq_len=args.max_seq_len,
-                            max_valid_num=args.max_valid_num,
+                            _config(args, OFFLINE_ALGORITHMS[OFFLINE_MODES[name]]),
                         )
                     finally:
                         device.close()
@@ -465,8 +469,7 @@ class _LatencyTarget:
             device.open()
             peer = BatchedPeer(
                 device,
-                batch_size=self.args.batch_size,
-                seq_len=self.args.max_seq_len,
+                _config(self.args, PackAlgorithm.PADDED),
                 timeout_ms=self.args.timeout_microseconds / 1000,
             )
             self._close = peer.close
@@ -488,10 +491,7 @@ def _run_peer(
     device = devices.make("padded")
     device.open()
     peer = BatchedPeer(
-        device,
-        batch_size=args.batch_size,
-        seq_len=args.max_seq_len,
-        timeout_ms=args.timeout_microseconds / 1000,
+        device, _config(args, PackAlgorithm.PADDED), timeout_ms=args.timeout_microseconds / 1000
     )
     try:
         started = time.perf_counter()

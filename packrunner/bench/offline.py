@@ -11,11 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from packrunner.config import PackAlgorithm
+from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.device import Device
-from packrunner.packing import PackPlan, build_feeds, pack_offline, plan_batch, unpack_outputs
+from packrunner.packing import PackPlan, pack_offline, plan_batch, unpack_outputs
+from packrunner.runner import BatchFeeder
 
 __all__ = ["OfflineRun", "plan_dataset", "run_offline"]
 
@@ -89,34 +88,18 @@ def run_offline(
     device: Device,
     samples: Sequence[Mapping[str, Any]],
     plans: Sequence[PackPlan],
-    *,
-    batch_size: int,
-    seq_len: int,
-    max_valid_num: int,
+    config: RunnerConfig,
 ) -> OfflineRun:
-    """Build every batch's feeds (timed as packing), then run them in order on ``device``."""
-    inputs = device.input_specs
-    token_names = [n for n in inputs if n not in ("attention_mask", "position_ids", "unpack_info")]
+    """Build every batch's feeds (timed as packing), then run them in order on ``device``.
+
+    Feeds come from the same :class:`~packrunner.runner.BatchFeeder` a runner with ``config``
+    would use (validation included), so offline and online runs feed identical tensors.
+    """
+    feeder = BatchFeeder(device, config)
     started = time.perf_counter()
-    all_feeds = []
-    for plan in plans:
-        chosen = [samples[i] for i in plan.chosen]
-        feeds = build_feeds(
-            plan,
-            {
-                name: [
-                    np.asarray(s.get(name, np.zeros(len(s["input_ids"]))), np.int32) for s in chosen
-                ]
-                for name in token_names
-            },
-            batch_size=batch_size,
-            seq_len=seq_len,
-            position_input="position_ids" if "position_ids" in inputs else None,
-            mask_input="attention_mask" if "attention_mask" in inputs else None,
-            unpack_info_input="unpack_info" if "unpack_info" in inputs else None,
-            max_valid_num=max_valid_num,
-        )
-        all_feeds.append({name: feeds[name].astype(inputs[name].dtype) for name in feeds})
+    all_feeds = [
+        feeder.feeds(plan, [feeder.prepare(samples[i]) for i in plan.chosen]) for plan in plans
+    ]
     pack_s = time.perf_counter() - started
 
     results: list[dict[str, Any]] = [{} for _ in samples]
@@ -128,7 +111,7 @@ def run_offline(
         busy += time.perf_counter() - run_started
         for index, result in zip(
             plan.chosen,
-            unpack_outputs(plan, outputs, device.output_specs, seq_len=seq_len),
+            unpack_outputs(plan, outputs, feeder.outputs, seq_len=config.seq_len),
             strict=True,
         ):
             results[index] = result

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
-from packrunner.config import PackAlgorithm
+from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.device import Device
-from packrunner.packing import build_feeds, plan_batch, unpack_outputs
+from packrunner.packing import plan_batch, unpack_outputs
+from packrunner.runner import BatchFeeder
 
 __all__ = ["BatchedPeer"]
 
@@ -17,62 +17,39 @@ __all__ = ["BatchedPeer"]
 class BatchedPeer:
     """Serves samples through ``batched.dynamically`` with one padded sample per row.
 
-    The batch function pads up to ``batch_size`` samples into the device's fixed shape with the
-    same vectorised feed builder packrunner uses, runs the device, and cuts outputs back: the
-    comparison measures batching policy and engine, not feed-building code.
+    The batch function validates and pads up to ``batch_size`` samples with the same
+    :class:`~packrunner.runner.BatchFeeder` packrunner uses, runs the device, and cuts outputs
+    back: the comparison measures batching policy and engine, not feed-building code.
 
     Args:
         device: An opened device taking ``[batch_size, seq_len]`` feeds (padded model).
-        batch_size: Rows (and ``batched``'s batch size).
-        seq_len: Tokens per row.
+        config: Shapes and limits (its algorithm is taken as ``padded``); ``batch_size`` is
+            also ``batched``'s batch size.
         timeout_ms: ``batched``'s timeout.
     """
 
-    def __init__(self, device: Device, *, batch_size: int, seq_len: int, timeout_ms: float) -> None:
+    def __init__(self, device: Device, config: RunnerConfig, *, timeout_ms: float) -> None:
         import batched
 
         self.device = device
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        inputs = device.input_specs
-        self._token_inputs = [
-            n for n in inputs if n not in ("attention_mask", "position_ids", "unpack_info")
-        ]
-        self._position = "position_ids" if "position_ids" in inputs else None
-        self._mask = "attention_mask" if "attention_mask" in inputs else None
+        self.config = replace(config, algorithm=PackAlgorithm.PADDED)
+        self._feeder = BatchFeeder(device, self.config)
         self._fn = batched.dynamically(
-            self._run_batch, batch_size=batch_size, timeout_ms=timeout_ms
+            self._run_batch, batch_size=self.config.batch_size, timeout_ms=timeout_ms
         )
 
     def _run_batch(self, samples: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        lengths = [len(s["input_ids"]) for s in samples]
+        prepared = [self._feeder.prepare(s) for s in samples]
         plan = plan_batch(
-            lengths,
+            [s.length for s in prepared],
             algorithm=PackAlgorithm.PADDED,
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            max_valid_num=self.batch_size,
+            batch_size=self.config.batch_size,
+            seq_len=self.config.seq_len,
+            max_valid_num=self.config.batch_size,
         )
-        token_inputs = {
-            name: [
-                np.asarray(samples[i].get(name, np.zeros(lengths[i])), dtype=np.int32)
-                for i in plan.chosen
-            ]
-            for name in self._token_inputs
-        }
-        feeds = build_feeds(
-            plan,
-            token_inputs,
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            position_input=self._position,
-            mask_input=self._mask,
-        )
-        specs = self.device.input_specs
-        cast = {name: feeds[name].astype(specs[name].dtype) for name in feeds}
-        outputs = self.device.run(cast)
-        results = unpack_outputs(plan, outputs, self.device.output_specs, seq_len=self.seq_len)
-        return results
+        feeds = self._feeder.feeds(plan, [prepared[i] for i in plan.chosen])
+        outputs = self.device.run(feeds)
+        return unpack_outputs(plan, outputs, self._feeder.outputs, seq_len=self.config.seq_len)
 
     def execute(self, sample: Mapping[str, Any]) -> Any:
         """Blocking call through ``batched``."""

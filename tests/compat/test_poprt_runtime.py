@@ -6,7 +6,6 @@ import gc
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -406,9 +405,7 @@ def test_wait_timeout_withdraws_the_sample(packed_model: Path) -> None:
         assert future.done()
         with pytest.raises(RequestTimeoutError, match="earlier wait"):
             future.wait()
-        deadline = time.monotonic() + 5
-        while runner.stats().withdrawn == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # Cancelling the engine's future withdraws the sample synchronously, inside wait().
         assert runner.stats().withdrawn == 1
         assert runner.stats().batches == 0
 
@@ -444,8 +441,9 @@ def test_a_forgotten_runner_is_closed_when_collected(packed_model: Path) -> None
 
 
 def test_no_thread_outlives_the_interpreter(packed_model: Path) -> None:
-    # A script that never closes its runner, with a request still waiting for a 10 s timeout,
-    # must exit promptly and cleanly: the finalizer drains the runner at interpreter exit.
+    # A script that never closes its runner, with a request waiting on a ~33 min timeout, must
+    # exit cleanly within the subprocess's 60 s limit: the finalizer drains the runner at
+    # interpreter exit rather than waiting for the timeout.
     # The report hook is registered before any weakref.finalize exists, so (atexit is LIFO)
     # it runs after the finalizers and sees what they left behind.
     script = f"""
@@ -457,17 +455,15 @@ def report():
 atexit.register(report)
 import numpy as np
 from packrunner.compat import poprt_runtime as runtime
-config = runtime.PackRunnerConfig(timeout_microseconds=10_000_000)
+config = runtime.PackRunnerConfig(timeout_microseconds=2_000_000_000)
 config.enable_input_single_row_mode("attention_mask")
 runner = runtime.Runner({str(packed_model)!r}, config)
 out = {{"start_logits": np.zeros({SEQ_LEN}, np.float16)}}
 future = runner.execute_async({{"input_ids": np.arange(1, 6)}}, out)
 """
-    started = time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert completed.returncode == 0, completed.stderr
     assert "Traceback" not in completed.stderr, completed.stderr
     assert completed.stdout.strip() == "threads [] written True True"
-    assert time.monotonic() - started < 9  # did not wait for the 10 s timeout
