@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from packrunner import PackAlgorithm, RunnerConfig, SimulatedDevice, plan_batch
-from packrunner.benchmarking import compare_algorithms, format_comparison, seed_dataset
+from packrunner.bench.compare import compare_algorithms, format_comparison, seed_dataset
 
 ALGORITHMS = [
     PackAlgorithm.PADDED,

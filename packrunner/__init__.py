@@ -10,11 +10,22 @@ from __future__ import annotations
 
 from packrunner._version import __version__
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.devices import (
+    SEED_IPU_BATCH_LATENCY_US,
+    Device,
+    OnnxDevice,
+    OutputLayout,
+    OutputSpec,
+    SimulatedDevice,
+    TensorSpec,
+    simulated_reference,
+)
 from packrunner.errors import (
     ConfigError,
+    ConversionError,
     DeviceError,
     InvalidSampleError,
+    ModelFormatError,
     OverloadedError,
     PackRunnerError,
     RequestTimeoutError,
@@ -23,14 +34,16 @@ from packrunner.errors import (
 )
 from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
 from packrunner.runner import PackRunner, Result
-from packrunner.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice, simulated_reference
 from packrunner.stats import RunnerStats
 
 __all__ = [
     "ConfigError",
+    "ConversionError",
     "Device",
     "DeviceError",
     "InvalidSampleError",
+    "ModelFormatError",
+    "OnnxDevice",
     "OutputLayout",
     "OutputSpec",
     "OverloadedError",

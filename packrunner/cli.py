@@ -8,15 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from packrunner.benchmarking import (
+from packrunner.bench.compare import (
     compare_algorithms,
     format_accuracy,
     format_comparison,
     seed_dataset,
 )
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device
-from packrunner.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
+from packrunner.devices.base import Device
+from packrunner.devices.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
 
 if TYPE_CHECKING:
     from packrunner.models import Variant
@@ -42,8 +42,8 @@ def _device_factory(args: argparse.Namespace) -> tuple[str, object]:
 
         return f"SimulatedDevice at {args.batch_latency_us / 1000:.1f} ms/batch", simulated
 
+    from packrunner.devices.onnx import OnnxDevice
     from packrunner.models import checkpoint_model_path, default_model_path
-    from packrunner.onnx_device import OnnxDevice
 
     shape = {
         "batch_size": args.batch_size,

@@ -10,15 +10,18 @@ Every error a caller can see derives from :class:`PackRunnerError`::
     ├── RunnerClosedError                      the runner is closing or closed
     ├── RequestTimeoutError (also TimeoutError) a blocking execute() gave up waiting
     ├── DeviceError                            the device raised while running a batch
-    └── ConversionError (also ValueError)      packrunner.convert: an ONNX graph it cannot convert
+    ├── ConversionError (also ValueError)      packrunner.convert: an ONNX graph it cannot convert
+    └── ModelFormatError (also ValueError)     packrunner.models: a checkpoint it cannot read
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConversionError",
     "DeviceError",
     "InvalidSampleError",
+    "ModelFormatError",
     "OverloadedError",
     "PackRunnerError",
     "RequestTimeoutError",
@@ -69,3 +72,11 @@ class DeviceError(PackRunnerError):
     The original exception is chained as ``__cause__``. Only the requests of that batch fail;
     the runner keeps serving.
     """
+
+
+class ConversionError(PackRunnerError, ValueError):
+    """An ONNX graph cannot be converted; the message says what was looked for and not found."""
+
+
+class ModelFormatError(PackRunnerError, ValueError):
+    """A checkpoint, config or weight mapping does not describe a supported model."""

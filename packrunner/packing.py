@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner.config import PackAlgorithm
-from packrunner.device import OutputLayout, OutputSpec
+from packrunner.devices.base import OutputLayout, OutputSpec
 
 __all__ = [
     "PackPlan",

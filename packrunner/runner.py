@@ -36,9 +36,9 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from packrunner._samples import PreparedSample, SampleSchema
-from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner._codec import BatchFeeder, PreparedSample
+from packrunner.config import RunnerConfig
+from packrunner.devices.base import Device
 from packrunner.errors import (
     ConfigError,
     DeviceError,
@@ -48,10 +48,10 @@ from packrunner.errors import (
     RunnerClosedError,
     RunnerNotStartedError,
 )
-from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
+from packrunner.packing import PackPlan, plan_batch, unpack_outputs
 from packrunner.stats import RunnerStats
 
-__all__ = ["LATENCY_BUCKETS_S", "BatchFeeder", "PackRunner", "Result"]
+__all__ = ["LATENCY_BUCKETS_S", "PackRunner", "Result"]
 
 #: Upper bounds (seconds, inclusive) of the request-latency histogram in :class:`RunnerStats`.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -122,19 +122,6 @@ class _Counters:
     latency_counts: npt.NDArray[np.int64] = field(
         default_factory=lambda: np.zeros(len(LATENCY_BUCKETS_S) + 1, dtype=np.int64)
     )
-
-
-@dataclass(slots=True)
-class _DeviceIO:
-    """What the runner feeds a device, derived once from the device's specs."""
-
-    inputs: Mapping[str, TensorSpec]
-    outputs: Mapping[str, OutputSpec]
-    token_inputs: tuple[str, ...]
-    position_input: str | None
-    mask_input: str | None
-    unpack_info_input: str | None
-    casts: dict[str, np.dtype[Any]] = field(default_factory=dict)
 
 
 class PackRunner:
@@ -745,175 +732,6 @@ def _set_sync(future: _AnyFuture, result: Result | None, error: BaseException | 
             future.set_exception(error)
     except concurrent.futures.InvalidStateError:
         pass  # cancelled by a caller whose timeout expired
-
-
-# ----------------------------------------------------------------------------- device checks
-
-
-class BatchFeeder:
-    """What a runner feeds its devices: sample validation and fixed-shape feed building.
-
-    Derived once from the devices' specs and the config (and refusing devices that do not fit
-    them). PackRunner uses one; offline runs and benchmarks that drive a device directly use
-    one too, so every path builds exactly the same feeds.
-
-    Args:
-        devices: One device, or several identical ones.
-        config: The runner configuration (its algorithm decides which inputs are required).
-
-    Raises:
-        ConfigError: The devices do not fit the config.
-    """
-
-    def __init__(self, devices: Device | Sequence[Device], config: RunnerConfig) -> None:
-        devices = (devices,) if isinstance(devices, Device) else tuple(devices)
-        self.config = config
-        self._io = _describe_devices(devices, config)
-        self._schema = _schema_for(self._io, config, devices[0].input_value_limits)
-
-    @property
-    def outputs(self) -> Mapping[str, OutputSpec]:
-        """The devices' outputs and their layouts."""
-        return self._io.outputs
-
-    def prepare(self, sample: object) -> PreparedSample:
-        """Validate one sample (raises :class:`~packrunner.InvalidSampleError`)."""
-        return self._schema.prepare(sample)
-
-    def feeds(
-        self, plan: PackPlan, samples: Sequence[PreparedSample]
-    ) -> dict[str, npt.NDArray[Any]]:
-        """The device feeds for ``samples`` (in the plan's slot order), in the device dtypes."""
-        io, config = self._io, self.config
-        token_inputs = {name: [s.tokens[name] for s in samples] for name in io.token_inputs}
-        positions = None
-        if io.position_input is not None and any(s.positions is not None for s in samples):
-            positions = [
-                s.positions if s.positions is not None else np.arange(s.length, dtype=np.int32)
-                for s in samples
-            ]
-        feeds: dict[str, npt.NDArray[Any]] = dict(
-            build_feeds(
-                plan,
-                token_inputs,
-                batch_size=config.batch_size,
-                seq_len=config.seq_len,
-                position_input=io.position_input,
-                position_values=positions,
-                mask_input=io.mask_input,
-                unpack_info_input=io.unpack_info_input,
-                max_valid_num=config.max_valid_num,
-            )
-        )
-        for name, dtype in io.casts.items():
-            feeds[name] = feeds[name].astype(dtype)
-        return feeds
-
-
-def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _DeviceIO:
-    first = devices[0]
-    inputs, outputs = dict(first.input_specs), dict(first.output_specs)
-    for other in devices[1:]:
-        if dict(other.input_specs) != inputs or dict(other.output_specs) != outputs:
-            raise ConfigError("all devices of one runner must have identical inputs and outputs")
-    shape = (config.batch_size, config.seq_len)
-    special = {
-        config.position_input_name,
-        config.mask_input_name,
-        config.unpack_info_input_name,
-    }
-    token_inputs: list[str] = []
-    for name, spec in inputs.items():
-        if name == config.unpack_info_input_name:
-            if spec.shape != (config.max_valid_num,):
-                raise ConfigError(
-                    f"device input {name!r} has shape {spec.shape}, expected "
-                    f"({config.max_valid_num},) for max_valid_num={config.max_valid_num}"
-                )
-        elif spec.shape != shape:
-            raise ConfigError(
-                f"device input {name!r} has shape {spec.shape}, but the runner config is "
-                f"[batch_size={config.batch_size}, seq_len={config.seq_len}]"
-            )
-        if spec.dtype.kind not in "iu":
-            raise ConfigError(f"device input {name!r} has dtype {spec.dtype}; expected integers")
-        if name not in special:
-            token_inputs.append(name)
-    if config.dynamic_input_name not in inputs:
-        raise ConfigError(
-            f"dynamic_input_name={config.dynamic_input_name!r} is not a device input "
-            f"(device inputs: {sorted(inputs)})"
-        )
-    if not outputs:
-        raise ConfigError("the device declares no outputs")
-    per_row = [name for name, spec in outputs.items() if spec.layout is OutputLayout.ROWS]
-    if per_row and config.algorithm is not PackAlgorithm.PADDED:
-        raise ConfigError(
-            f"outputs {per_row} have one value per row, which only algorithm=padded can split"
-        )
-    algorithm = config.algorithm
-    has = {
-        "position": config.position_input_name in inputs,
-        "mask": config.mask_input_name in inputs,
-        "unpack_info": config.unpack_info_input_name in inputs,
-    }
-    if algorithm is PackAlgorithm.STREAM and not has["unpack_info"]:
-        raise ConfigError(
-            f"algorithm=stream needs a device input {config.unpack_info_input_name!r} "
-            "(an unpack/repack model)"
-        )
-    if algorithm is not PackAlgorithm.STREAM and has["unpack_info"]:
-        raise ConfigError(
-            f"the device takes {config.unpack_info_input_name!r} (an unpack/repack model); "
-            f"use algorithm=stream, not {algorithm.value}"
-        )
-    if algorithm not in (PackAlgorithm.PADDED, PackAlgorithm.STREAM) and not has["mask"]:
-        raise ConfigError(
-            f"algorithm={algorithm.value} packs several samples per row and needs the "
-            f"segment-id mask input {config.mask_input_name!r}; the device has {sorted(inputs)}"
-        )
-    if algorithm is not PackAlgorithm.PADDED and not has["position"]:
-        raise ConfigError(
-            f"algorithm={algorithm.value} needs a {config.position_input_name!r} device input "
-            "so positions restart at 0 for every packed sample; use algorithm=padded for a "
-            "padded-only model"
-        )
-    casts = {name: spec.dtype for name, spec in inputs.items() if spec.dtype != np.dtype(np.int32)}
-    return _DeviceIO(
-        inputs=inputs,
-        outputs=outputs,
-        token_inputs=tuple(token_inputs),
-        position_input=config.position_input_name if has["position"] else None,
-        mask_input=config.mask_input_name if has["mask"] else None,
-        unpack_info_input=config.unpack_info_input_name if has["unpack_info"] else None,
-        casts=casts,
-    )
-
-
-def _schema_for(
-    io: _DeviceIO, config: RunnerConfig, device_limits: Mapping[str, int]
-) -> SampleSchema:
-    # The device knows its tables (e.g. an ONNX model's embedding rows); the config may only
-    # tighten them.
-    limits = dict(device_limits)
-
-    def tighten(name: str, bound: int) -> None:
-        limits[name] = min(bound, limits.get(name, bound))
-
-    tighten(config.token_type_input_name, config.type_vocab_size)
-    if config.vocab_size is not None:
-        tighten(config.dynamic_input_name, config.vocab_size)
-    if io.position_input is not None:
-        tighten(io.position_input, config.seq_len)
-    return SampleSchema(
-        dynamic_input=config.dynamic_input_name,
-        token_inputs=io.token_inputs,
-        zero_default=frozenset({config.token_type_input_name}),
-        position_input=io.position_input,
-        mask_input=config.mask_input_name,
-        seq_len=config.seq_len,
-        value_limits=limits,
-    )
 
 
 def _new_event_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:

@@ -16,9 +16,9 @@ import pytest
 from tokenizers import Tokenizer
 
 from packrunner import OutputLayout, PackAlgorithm, PackRunner, RunnerConfig
-from packrunner.accuracy import compare_results
+from packrunner.bench.accuracy import compare_results
+from packrunner.devices.onnx import OnnxDevice
 from packrunner.models import build_bert_onnx, load_hf_checkpoint, minilm_checkpoint_dir
-from packrunner.onnx_device import OnnxDevice
 
 BATCH, SEQ, SLOTS = 4, 64, 12
 SENTENCES = [

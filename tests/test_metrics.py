@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from packrunner import InvalidSampleError, PackRunner, RunnerConfig, SimulatedDevice
-from packrunner.metrics import RunnerCollector
+from packrunner.prometheus import RunnerCollector
 from tests.helpers import random_samples
 
 

@@ -23,10 +23,10 @@ from packrunner import (
     PackRunner,
     RunnerConfig,
 )
-from packrunner.accuracy import compare_results
-from packrunner.benchmarking import seed_dataset
+from packrunner.bench.accuracy import compare_results
+from packrunner.bench.compare import seed_dataset
+from packrunner.devices.onnx import OnnxDevice
 from packrunner.models import default_model_path
-from packrunner.onnx_device import OnnxDevice
 
 SAMPLES = seed_dataset(160)  # the seed's generator: ids in [0, 30522), types 0/1
 LENGTHS = [len(s["input_ids"]) for s in SAMPLES]

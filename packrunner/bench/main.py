@@ -26,12 +26,12 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner._version import __version__
-from packrunner.accuracy import compare_results
-from packrunner.benchmarking import seed_dataset
+from packrunner.bench.accuracy import compare_results
+from packrunner.bench.compare import seed_dataset
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device
+from packrunner.devices.base import Device
+from packrunner.devices.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
 from packrunner.runner import PackRunner
-from packrunner.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
 
 __all__ = ["build_parser", "main", "run_bench"]
 
@@ -128,7 +128,7 @@ class _Devices:
                 mode="unpack_repack" if kind == "unpack_repack" else "attention_mask",
                 max_valid_num=args.max_valid_num,
             )
-        from packrunner.onnx_device import OnnxDevice
+        from packrunner.devices.onnx import OnnxDevice
 
         return OnnxDevice(self.paths[kind], intra_op_num_threads=args.threads)
 

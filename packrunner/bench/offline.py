@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from packrunner._codec import BatchFeeder
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device
+from packrunner.devices.base import Device
 from packrunner.packing import PackPlan, pack_offline, plan_batch, unpack_outputs
-from packrunner.runner import BatchFeeder
 
 __all__ = ["OfflineRun", "plan_dataset", "run_offline"]
 
@@ -92,7 +92,7 @@ def run_offline(
 ) -> OfflineRun:
     """Build every batch's feeds (timed as packing), then run them in order on ``device``.
 
-    Feeds come from the same :class:`~packrunner.runner.BatchFeeder` a runner with ``config``
+    Feeds come from the same :class:`~packrunner._codec.BatchFeeder` a runner with ``config``
     would use (validation included), so offline and online runs feed identical tensors.
     """
     feeder = BatchFeeder(device, config)

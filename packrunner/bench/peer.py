@@ -6,10 +6,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from packrunner._codec import BatchFeeder
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device
+from packrunner.devices.base import Device
 from packrunner.packing import plan_batch, unpack_outputs
-from packrunner.runner import BatchFeeder
 
 __all__ = ["BatchedPeer"]
 
@@ -18,7 +18,7 @@ class BatchedPeer:
     """Serves samples through ``batched.dynamically`` with one padded sample per row.
 
     The batch function validates and pads up to ``batch_size`` samples with the same
-    :class:`~packrunner.runner.BatchFeeder` packrunner uses, runs the device, and cuts outputs
+    :class:`~packrunner._codec.BatchFeeder` packrunner uses, runs the device, and cuts outputs
     back: the comparison measures batching policy and engine, not feed-building code.
 
     Args:

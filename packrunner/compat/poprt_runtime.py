@@ -40,13 +40,13 @@ import numpy.typing as npt
 import onnx
 
 from packrunner import config as _core_config
-from packrunner.device import OutputLayout, OutputSpec
+from packrunner.devices.base import OutputLayout, OutputSpec
+from packrunner.devices.onnx import OnnxDevice
 from packrunner.errors import (
     ConfigError,
     InvalidSampleError,
     RequestTimeoutError,
 )
-from packrunner.onnx_device import OnnxDevice
 from packrunner.runner import PackRunner, Result
 from packrunner.stats import RunnerStats
 
@@ -471,7 +471,7 @@ class _Plan:
 class Runner:
     """PopRT's ``runtime.Runner`` with a ``PackRunnerConfig``: a started packrunner engine.
 
-    Builds a :class:`packrunner.PackRunner` over an :class:`~packrunner.onnx_device.OnnxDevice`
+    Builds a :class:`packrunner.PackRunner` over an :class:`~packrunner.devices.onnx.OnnxDevice`
     for ``model_path`` and starts it. Single-row mode (``enable_input_single_row_mode``) needs
     an attention-mask model (segment-id mask and ``position_ids`` inputs); otherwise the model
     must be an unpack/repack model (it takes ``unpack_info``) and samples are packed across rows.

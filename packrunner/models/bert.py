@@ -21,6 +21,8 @@ from typing import Any, Final, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
+from packrunner.errors import ModelFormatError
+
 __all__ = [
     "DEFAULT_CONFIG",
     "BertConfig",
@@ -51,10 +53,6 @@ _HF_PREFIX: Final = "bert."
 _CONFIG_FILE: Final = "config.json"
 _WEIGHTS_FILE: Final = "model.safetensors"
 _WEIGHTS_INDEX_FILE: Final = "model.safetensors.index.json"
-
-
-class ModelFormatError(ValueError):
-    """A checkpoint, config or weight mapping does not describe a supported BERT model."""
 
 
 @dataclass(frozen=True, slots=True)

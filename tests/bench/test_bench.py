@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from packrunner.accuracy import compare_results
+from packrunner.bench.accuracy import compare_results
+from packrunner.bench.compare import seed_dataset
 from packrunner.bench.latency import percentile, summarize
 from packrunner.bench.report import dump_results_csv
-from packrunner.benchmarking import seed_dataset
 from packrunner.cli import main as cli_main
 
 

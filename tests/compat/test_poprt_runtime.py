@@ -23,7 +23,7 @@ from packrunner import (
 )
 from packrunner import PackAlgorithm as CoreAlgorithm
 from packrunner.compat import poprt_runtime as runtime
-from packrunner.onnx_device import OnnxDevice
+from packrunner.devices.onnx import OnnxDevice
 
 from ._support import (
     BATCH_SIZE,

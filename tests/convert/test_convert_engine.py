@@ -17,7 +17,7 @@ import pytest
 from packrunner import PackRunner, RunnerConfig
 from packrunner.config import PackAlgorithm
 from packrunner.convert import AttentionMode, convert_file
-from packrunner.onnx_device import OnnxDevice
+from packrunner.devices.onnx import OnnxDevice
 
 from ._support import fixture_path, make_session, random_samples, run_single
 

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 from packrunner.errors import ConfigError, DeviceError
 
 __all__ = ["BATCH_COUPLING_OPS", "OnnxDevice"]
@@ -21,7 +21,7 @@ __all__ = ["BATCH_COUPLING_OPS", "OnnxDevice"]
 # (what its transformer optimizer and int8 quantizer emit) drops or cannot express the segment
 # bias, and dynamic quantization picks one scale from the whole batch's activations: either way
 # packed samples would influence each other, so such models are refused unless the caller opts
-# in (after checking equivalence with packrunner.accuracy).
+# in (after checking equivalence with packrunner.bench.accuracy).
 BATCH_COUPLING_OPS: Final = frozenset(
     {
         "Attention",
@@ -100,7 +100,7 @@ class OnnxDevice(Device):
                 "whole, so packed samples would influence each other. Use the unfused fp32 "
                 "graph (packrunner's builder or `packrunner convert` output), or pass "
                 "allow_batch_coupling_ops=True after proving equivalence with "
-                "packrunner.accuracy.compare_results"
+                "packrunner.bench.accuracy.compare_results"
             )
         initializers = {init.name for init in graph.initializer}
         inputs = [i for i in graph.input if i.name not in initializers]

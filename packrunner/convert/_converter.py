@@ -26,7 +26,7 @@ Two other modes share the same machinery: ``attention="padding"`` keeps the expo
 (only shapes, dtypes and ``position_ids`` change; the negative control), and
 ``attention="unpack_repack"`` builds packrunner's *stream* model (PopRT "end-to-end"): samples lie
 back to back across rows, ``unpack_info`` gives their lengths, token-wise layers run on the
-stream and each attention block on a per-sample view (see :mod:`packrunner._convert_unpack`).
+stream and each attention block on a per-sample view (see :mod:`packrunner.convert._unpack`).
 
 The subgraphs are found by data flow, not by node names (PopRT's example deletes ``Shape_7``,
 ``Gather_9``... by name, which breaks with the next exporter version):
@@ -68,15 +68,13 @@ import onnx
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
 from onnx import TensorProto, helper, shape_inference
 
-from packrunner._convert_graph import MASK_BIAS, GraphView, NodeEmitter, default_opset
-from packrunner._convert_unpack import UNPACK_INFO, AttentionSite, UnpackError, unpack_attention
-from packrunner.errors import PackRunnerError
+from packrunner.convert._unpack import UNPACK_INFO, AttentionSite, UnpackError, unpack_attention
+from packrunner.errors import ConversionError
+from packrunner.graphs._graph import MASK_BIAS, GraphView, NodeEmitter, default_opset
 
 __all__ = [
-    "MASK_BIAS",
     "PACKED_INPUT_NAMES",
     "AttentionMode",
-    "ConversionError",
     "build_parser",
     "convert_file",
     "convert_to_packed",
@@ -102,10 +100,6 @@ _FLOAT_TYPES = frozenset(
     {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 )
 _INT_TYPES = frozenset({TensorProto.INT32, TensorProto.INT64})
-
-
-class ConversionError(PackRunnerError, ValueError):
-    """The graph cannot be converted; the message says what was looked for and not found."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
-from packrunner.device import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 
 __all__ = ["SEED_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
 

@@ -4,7 +4,7 @@ A custom collector reads one :meth:`PackRunner.stats` snapshot per scrape, so th
 pays nothing for metrics::
 
     from prometheus_client import REGISTRY, start_http_server
-    from packrunner.metrics import RunnerCollector
+    from packrunner.prometheus import RunnerCollector
 
     REGISTRY.register(RunnerCollector(runner, model="bert-qa"))
     start_http_server(9000)

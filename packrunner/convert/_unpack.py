@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from packrunner._convert_graph import MASK_BIAS, GraphView, NodeEmitter
+from packrunner.graphs._graph import MASK_BIAS, GraphView, NodeEmitter
 
 __all__ = ["UNPACK_INFO", "AttentionSite", "UnpackError", "unpack_attention"]
 

@@ -17,9 +17,9 @@ from functools import partial
 import numpy as np
 import numpy.typing as npt
 
-from packrunner.accuracy import compare_results
+from packrunner.bench.accuracy import compare_results
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.device import Device
+from packrunner.devices.base import Device
 from packrunner.runner import PackRunner, Result
 
 __all__ = [

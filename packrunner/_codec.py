@@ -1,0 +1,361 @@
+"""The device adapter: validate samples, encode batches into feeds, know how outputs decode.
+
+:class:`BatchFeeder` is derived once from the devices' specs and the runner config: it refuses
+devices that do not fit, validates each caller's sample (:meth:`BatchFeeder.prepare`, on the
+caller's thread before the sample is queued, so a bad sample is refused with a precise message
+and never reaches, or poisons, a batch) and builds the fixed-shape feeds of a packed batch in
+the device's dtypes (:meth:`BatchFeeder.feeds`). The runner, offline runs and the benchmark
+peers all use it, so every path validates and encodes the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from packrunner.config import PackAlgorithm, RunnerConfig
+from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.errors import ConfigError, InvalidSampleError
+from packrunner.packing import PackPlan, build_feeds
+
+__all__ = ["BatchFeeder", "PreparedSample", "SampleSchema"]
+
+Int32Array = npt.NDArray[np.int32]
+_INT32_MAX = np.iinfo(np.int32).max
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedSample:
+    """A validated sample: its length and its token arrays as contiguous int32."""
+
+    length: int
+    tokens: dict[str, Int32Array]
+    positions: Int32Array | None
+
+
+@dataclass(frozen=True, slots=True)
+class SampleSchema:
+    """Which names a sample may carry and the limits its values must respect.
+
+    Attributes:
+        dynamic_input: The input whose length defines the sample's length (required).
+        token_inputs: Every per-token input fed to the device from the sample, including
+            ``dynamic_input``; missing ones default to zeros if listed in ``zero_default``.
+        zero_default: Token inputs that default to zeros (``token_type_ids``).
+        position_input: Optional per-token position ids (default 0..L-1).
+        mask_input: Optional 1-D mask, which must be all ones if given.
+        seq_len: Longest sample accepted.
+        value_limits: Per input name, the exclusive upper bound of its values (vocabularies).
+        known_inputs: Every name a sample may carry (derived).
+    """
+
+    dynamic_input: str
+    token_inputs: tuple[str, ...]
+    zero_default: frozenset[str]
+    position_input: str | None
+    mask_input: str | None
+    seq_len: int
+    value_limits: Mapping[str, int]
+    known_inputs: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        known = {*self.token_inputs}
+        known.update(name for name in (self.position_input, self.mask_input) if name)
+        object.__setattr__(self, "known_inputs", frozenset(known))
+
+    def prepare(self, sample: object) -> PreparedSample:
+        """Validate ``sample`` and return it as int32 arrays.
+
+        Raises:
+            InvalidSampleError: With a message naming the input and what is wrong with it.
+        """
+        # The dict check first: it is the common case and much cheaper than the ABC check.
+        if not isinstance(sample, dict) and not isinstance(sample, Mapping):
+            raise InvalidSampleError(
+                f"a sample must be a mapping of input name to 1-D integer array, "
+                f"got {type(sample).__name__}"
+            )
+        known = self.known_inputs
+        unknown = [name for name in sample if name not in known]
+        if unknown:
+            raise InvalidSampleError(
+                f"unknown input name(s) {sorted(map(str, unknown))}; "
+                f"this runner accepts {sorted(known)}",
+                input_name=str(unknown[0]),
+            )
+        if self.dynamic_input not in sample:
+            raise InvalidSampleError(
+                f"missing required input {self.dynamic_input!r}", input_name=self.dynamic_input
+            )
+        dynamic = self._as_ids(self.dynamic_input, sample[self.dynamic_input])
+        length = len(dynamic)
+        if length == 0:
+            raise InvalidSampleError(
+                f"input {self.dynamic_input!r} is empty; a sample needs at least one token",
+                input_name=self.dynamic_input,
+            )
+        if length > self.seq_len:
+            raise InvalidSampleError(
+                f"input {self.dynamic_input!r} has {length} tokens, more than seq_len="
+                f"{self.seq_len}; truncate or split it before submitting",
+                input_name=self.dynamic_input,
+            )
+        tokens = {self.dynamic_input: self._check_values(self.dynamic_input, dynamic)}
+        for name in self.token_inputs:
+            if name == self.dynamic_input:
+                continue
+            if name in sample:
+                array = self._as_ids(name, sample[name], length)
+                tokens[name] = self._check_values(name, array)
+            elif name in self.zero_default:
+                tokens[name] = np.zeros(length, dtype=np.int32)
+            else:
+                raise InvalidSampleError(f"missing required input {name!r}", input_name=name)
+        positions = None
+        if self.position_input is not None and self.position_input in sample:
+            positions = self._check_values(
+                self.position_input,
+                self._as_ids(self.position_input, sample[self.position_input], length),
+            )
+        if self.mask_input is not None and self.mask_input in sample:
+            mask = self._as_ids(self.mask_input, sample[self.mask_input], length)
+            if not bool((mask == 1).all()):
+                raise InvalidSampleError(
+                    f"input {self.mask_input!r} must be all ones for an unpadded sample "
+                    "(send only the valid tokens; the runner builds the packed mask)",
+                    input_name=self.mask_input,
+                )
+        return PreparedSample(length, tokens, positions)
+
+    def _as_ids(self, name: str, value: object, length: int | None = None) -> Int32Array:
+        if isinstance(value, np.ndarray):
+            array = value
+        elif isinstance(value, list | tuple):
+            try:
+                array = np.asarray(value)
+            except (ValueError, TypeError) as exc:
+                raise InvalidSampleError(
+                    f"input {name!r} is not a 1-D integer array: {exc}", input_name=name
+                ) from None
+        else:
+            raise InvalidSampleError(
+                f"input {name!r} must be a numpy array or a list of ints, "
+                f"got {type(value).__name__}",
+                input_name=name,
+            )
+        if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+            raise InvalidSampleError(
+                f"input {name!r} must have an integer dtype, got {array.dtype}", input_name=name
+            )
+        if array.ndim != 1:
+            raise InvalidSampleError(
+                f"input {name!r} must be 1-D (one unpadded sample), got shape {array.shape}",
+                input_name=name,
+            )
+        if length is not None and len(array) != length:
+            raise InvalidSampleError(
+                f"input {name!r} has length {len(array)} but {self.dynamic_input!r} has {length}",
+                input_name=name,
+            )
+        return array
+
+    def _check_values(self, name: str, array: npt.NDArray[np.generic]) -> Int32Array:
+        limit = self.value_limits.get(name, _INT32_MAX + 1)
+        # One reduction instead of min() and max(): seen as unsigned, negative values become
+        # huge, so "every value in [0, limit)" is "the unsigned maximum is below limit".
+        unsigned = array.view(_UNSIGNED[array.dtype.itemsize])
+        if int(unsigned.max()) >= limit:
+            low = int(array.min())
+            if low < 0:
+                raise InvalidSampleError(
+                    f"input {name!r} has a negative value ({low})", input_name=name
+                )
+            raise InvalidSampleError(
+                f"input {name!r} has value {int(array.max())}, must be < {limit}",
+                input_name=name,
+            )
+        return np.ascontiguousarray(array, dtype=np.int32)
+
+
+@dataclass(slots=True)
+class _DeviceIO:
+    """What the runner feeds a device, derived once from the device's specs."""
+
+    inputs: Mapping[str, TensorSpec]
+    outputs: Mapping[str, OutputSpec]
+    token_inputs: tuple[str, ...]
+    position_input: str | None
+    mask_input: str | None
+    unpack_info_input: str | None
+    casts: dict[str, np.dtype[Any]] = field(default_factory=dict)
+
+
+class BatchFeeder:
+    """What a runner feeds its devices: sample validation and fixed-shape feed building.
+
+    Derived once from the devices' specs and the config (and refusing devices that do not fit
+    them). PackRunner uses one; offline runs and benchmarks that drive a device directly use
+    one too, so every path builds exactly the same feeds.
+
+    Args:
+        devices: One device, or several identical ones.
+        config: The runner configuration (its algorithm decides which inputs are required).
+
+    Raises:
+        ConfigError: The devices do not fit the config.
+    """
+
+    def __init__(self, devices: Device | Sequence[Device], config: RunnerConfig) -> None:
+        devices = (devices,) if isinstance(devices, Device) else tuple(devices)
+        self.config = config
+        self._io = _describe_devices(devices, config)
+        self._schema = _schema_for(self._io, config, devices[0].input_value_limits)
+
+    @property
+    def outputs(self) -> Mapping[str, OutputSpec]:
+        """The devices' outputs and their layouts."""
+        return self._io.outputs
+
+    def prepare(self, sample: object) -> PreparedSample:
+        """Validate one sample (raises :class:`~packrunner.InvalidSampleError`)."""
+        return self._schema.prepare(sample)
+
+    def feeds(
+        self, plan: PackPlan, samples: Sequence[PreparedSample]
+    ) -> dict[str, npt.NDArray[Any]]:
+        """The device feeds for ``samples`` (in the plan's slot order), in the device dtypes."""
+        io, config = self._io, self.config
+        token_inputs = {name: [s.tokens[name] for s in samples] for name in io.token_inputs}
+        positions = None
+        if io.position_input is not None and any(s.positions is not None for s in samples):
+            positions = [
+                s.positions if s.positions is not None else np.arange(s.length, dtype=np.int32)
+                for s in samples
+            ]
+        feeds: dict[str, npt.NDArray[Any]] = dict(
+            build_feeds(
+                plan,
+                token_inputs,
+                batch_size=config.batch_size,
+                seq_len=config.seq_len,
+                position_input=io.position_input,
+                position_values=positions,
+                mask_input=io.mask_input,
+                unpack_info_input=io.unpack_info_input,
+                max_valid_num=config.max_valid_num,
+            )
+        )
+        for name, dtype in io.casts.items():
+            feeds[name] = feeds[name].astype(dtype)
+        return feeds
+
+
+def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _DeviceIO:
+    first = devices[0]
+    inputs, outputs = dict(first.input_specs), dict(first.output_specs)
+    for other in devices[1:]:
+        if dict(other.input_specs) != inputs or dict(other.output_specs) != outputs:
+            raise ConfigError("all devices of one runner must have identical inputs and outputs")
+    shape = (config.batch_size, config.seq_len)
+    special = {
+        config.position_input_name,
+        config.mask_input_name,
+        config.unpack_info_input_name,
+    }
+    token_inputs: list[str] = []
+    for name, spec in inputs.items():
+        if name == config.unpack_info_input_name:
+            if spec.shape != (config.max_valid_num,):
+                raise ConfigError(
+                    f"device input {name!r} has shape {spec.shape}, expected "
+                    f"({config.max_valid_num},) for max_valid_num={config.max_valid_num}"
+                )
+        elif spec.shape != shape:
+            raise ConfigError(
+                f"device input {name!r} has shape {spec.shape}, but the runner config is "
+                f"[batch_size={config.batch_size}, seq_len={config.seq_len}]"
+            )
+        if spec.dtype.kind not in "iu":
+            raise ConfigError(f"device input {name!r} has dtype {spec.dtype}; expected integers")
+        if name not in special:
+            token_inputs.append(name)
+    if config.dynamic_input_name not in inputs:
+        raise ConfigError(
+            f"dynamic_input_name={config.dynamic_input_name!r} is not a device input "
+            f"(device inputs: {sorted(inputs)})"
+        )
+    if not outputs:
+        raise ConfigError("the device declares no outputs")
+    per_row = [name for name, spec in outputs.items() if spec.layout is OutputLayout.ROWS]
+    if per_row and config.algorithm is not PackAlgorithm.PADDED:
+        raise ConfigError(
+            f"outputs {per_row} have one value per row, which only algorithm=padded can split"
+        )
+    algorithm = config.algorithm
+    has = {
+        "position": config.position_input_name in inputs,
+        "mask": config.mask_input_name in inputs,
+        "unpack_info": config.unpack_info_input_name in inputs,
+    }
+    if algorithm is PackAlgorithm.STREAM and not has["unpack_info"]:
+        raise ConfigError(
+            f"algorithm=stream needs a device input {config.unpack_info_input_name!r} "
+            "(an unpack/repack model)"
+        )
+    if algorithm is not PackAlgorithm.STREAM and has["unpack_info"]:
+        raise ConfigError(
+            f"the device takes {config.unpack_info_input_name!r} (an unpack/repack model); "
+            f"use algorithm=stream, not {algorithm.value}"
+        )
+    if algorithm not in (PackAlgorithm.PADDED, PackAlgorithm.STREAM) and not has["mask"]:
+        raise ConfigError(
+            f"algorithm={algorithm.value} packs several samples per row and needs the "
+            f"segment-id mask input {config.mask_input_name!r}; the device has {sorted(inputs)}"
+        )
+    if algorithm is not PackAlgorithm.PADDED and not has["position"]:
+        raise ConfigError(
+            f"algorithm={algorithm.value} needs a {config.position_input_name!r} device input "
+            "so positions restart at 0 for every packed sample; use algorithm=padded for a "
+            "padded-only model"
+        )
+    casts = {name: spec.dtype for name, spec in inputs.items() if spec.dtype != np.dtype(np.int32)}
+    return _DeviceIO(
+        inputs=inputs,
+        outputs=outputs,
+        token_inputs=tuple(token_inputs),
+        position_input=config.position_input_name if has["position"] else None,
+        mask_input=config.mask_input_name if has["mask"] else None,
+        unpack_info_input=config.unpack_info_input_name if has["unpack_info"] else None,
+        casts=casts,
+    )
+
+
+def _schema_for(
+    io: _DeviceIO, config: RunnerConfig, device_limits: Mapping[str, int]
+) -> SampleSchema:
+    # The device knows its tables (e.g. an ONNX model's embedding rows); the config may only
+    # tighten them.
+    limits = dict(device_limits)
+
+    def tighten(name: str, bound: int) -> None:
+        limits[name] = min(bound, limits.get(name, bound))
+
+    tighten(config.token_type_input_name, config.type_vocab_size)
+    if config.vocab_size is not None:
+        tighten(config.dynamic_input_name, config.vocab_size)
+    if io.position_input is not None:
+        tighten(io.position_input, config.seq_len)
+    return SampleSchema(
+        dynamic_input=config.dynamic_input_name,
+        token_inputs=io.token_inputs,
+        zero_default=frozenset({config.token_type_input_name}),
+        position_input=io.position_input,
+        mask_input=config.mask_input_name,
+        seq_len=config.seq_len,
+        value_limits=limits,
+    )

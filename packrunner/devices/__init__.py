@@ -1,0 +1,28 @@
+"""Devices: what a runner's worker threads drive.
+
+:class:`Device` is the interface (one fixed-shape batch in, outputs by declared layout out);
+:class:`SimulatedDevice` is a deterministic stand-in accelerator with an exact reference, and
+:class:`OnnxDevice` runs an ONNX model under onnxruntime.
+"""
+
+from __future__ import annotations
+
+from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.devices.onnx import BATCH_COUPLING_OPS, OnnxDevice
+from packrunner.devices.simulated import (
+    SEED_IPU_BATCH_LATENCY_US,
+    SimulatedDevice,
+    simulated_reference,
+)
+
+__all__ = [
+    "BATCH_COUPLING_OPS",
+    "SEED_IPU_BATCH_LATENCY_US",
+    "Device",
+    "OnnxDevice",
+    "OutputLayout",
+    "OutputSpec",
+    "SimulatedDevice",
+    "TensorSpec",
+    "simulated_reference",
+]
