@@ -9,7 +9,7 @@ caller its own outputs.
 from __future__ import annotations
 
 from packrunner._version import __version__
-from packrunner.config import PackAlgorithm, RunnerConfig
+from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
 from packrunner.devices import (
     SEED_IPU_BATCH_LATENCY_US,
     Device,
@@ -41,6 +41,7 @@ __all__ = [
     "ConversionError",
     "Device",
     "DeviceError",
+    "InputForm",
     "InvalidSampleError",
     "ModelFormatError",
     "OnnxDevice",

@@ -1,4 +1,4 @@
-"""Runner configuration: one frozen, validated dataclass."""
+"""Runner configuration (one frozen, validated dataclass), packing algorithms, input forms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from packrunner.errors import ConfigError
 
-__all__ = ["PackAlgorithm", "RunnerConfig"]
+__all__ = ["InputForm", "PackAlgorithm", "RunnerConfig"]
 
 
 class PackAlgorithm(enum.Enum):
@@ -23,9 +23,11 @@ class PackAlgorithm(enum.Enum):
             then topped up with the largest samples that still fit, chosen from the oldest
             ``lookahead`` queued samples. Starvation-free: the ``batch_size`` oldest waiting
             samples always go into the next batch (see ``packing.lookahead``).
-        STREAM: across-rows mode (PopRT "end-to-end" / unpack-repack): samples are laid end to
-            end in the flattened ``batch_size * seq_len`` token stream and may cross row
-            boundaries; needs a model that takes ``unpack_info``.
+        STREAM: across-rows mode (PopRT "end-to-end"): samples are laid end to end in the
+            flattened ``batch_size * seq_len`` token stream and may cross row boundaries; needs a
+            model of :attr:`InputForm.UNPACK_REPACK`.
+
+    Which model input form each algorithm needs is :meth:`InputForm.for_algorithm`.
     """
 
     PADDED = "padded"
@@ -33,6 +35,87 @@ class PackAlgorithm(enum.Enum):
     FIRST_FIT = "first_fit"
     LOOKAHEAD = "lookahead"
     STREAM = "stream"
+
+
+class InputForm(enum.StrEnum):
+    """How a static-shape model's inputs describe the samples of a ``[batch_size, seq_len]`` batch.
+
+    The one name set for the model builder (``packrunner.models``), the converter
+    (``packrunner.convert``), :class:`~packrunner.SimulatedDevice` and the docs. Members compare
+    equal to their string values, so ``"packed"`` works wherever a form is asked for.
+
+    Attributes:
+        PACKED: several samples per row. ``attention_mask`` holds per-token segment ids (1, 2, ...
+            for the samples of a row, 0 on padding) that the model turns into a block-diagonal
+            attention bias; ``position_ids`` restart at 0 for every sample.
+        PADDED: one sample per row, ``attention_mask`` a plain 0/1 padding mask (the classic
+            Hugging Face export; the twin packed models are checked against).
+        UNPACK_REPACK: the token inputs are one stream of ``batch_size * seq_len`` tokens in which
+            samples sit back to back and may cross rows; ``unpack_info`` ``[max_valid_num]`` lists
+            their lengths. Token-wise layers run on the stream, attention on a per-sample
+            ``[max_valid_num, seq_len]`` view (PopRT "end-to-end").
+    """
+
+    PACKED = "packed"
+    PADDED = "padded"
+    UNPACK_REPACK = "unpack_repack"
+
+    @classmethod
+    def for_algorithm(cls, algorithm: PackAlgorithm) -> InputForm:
+        """The form of the model an ``algorithm``'s batches are meant for.
+
+        ``PADDED`` batches also run on a ``PACKED`` model (a row with one segment is a row with
+        a 0/1 mask); this returns the padded twin, the model that baseline is measured on.
+        """
+        for form, default in _DEFAULT_ALGORITHMS.items():
+            if default is algorithm:
+                return form
+        return cls.PACKED  # the row-packing algorithms other than the default
+
+    @property
+    def default_algorithm(self) -> PackAlgorithm:
+        """The algorithm to run a model of this form with; inverse of :meth:`for_algorithm`."""
+        return _DEFAULT_ALGORITHMS[self]
+
+    @classmethod
+    def parse(cls, value: InputForm | str, *, what: str = "form") -> InputForm:
+        """``value`` (a member or its string value) as a form; ``ValueError`` naming the choices.
+
+        Args:
+            value: What a caller passed.
+            what: The argument's name, for the error message.
+        """
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(repr(form.value) for form in cls)
+            raise ValueError(f"{what} must be one of {choices}, got {value!r}") from None
+
+    @classmethod
+    def from_legacy(cls, value: str, *, what: str) -> InputForm:
+        """:meth:`parse`, also accepting the names packrunner used before this vocabulary.
+
+        Only for the deprecated keyword arguments that still carry them:
+        ``SimulatedDevice(mode="attention_mask")`` and the converter's
+        ``attention="block_diagonal" | "padding"``.
+        """
+        return cls.parse(_LEGACY_SPELLINGS.get(value, value), what=what)
+
+
+# The one mapping between forms and algorithms (both directions read it).
+_DEFAULT_ALGORITHMS: dict[InputForm, PackAlgorithm] = {
+    InputForm.PACKED: PackAlgorithm.LOOKAHEAD,
+    InputForm.PADDED: PackAlgorithm.PADDED,
+    InputForm.UNPACK_REPACK: PackAlgorithm.STREAM,
+}
+# Names one input form had before InputForm; read only by InputForm.from_legacy.
+_LEGACY_SPELLINGS: dict[str, InputForm] = {
+    "attention_mask": InputForm.PACKED,  # SimulatedDevice(mode=...)
+    "block_diagonal": InputForm.PACKED,  # convert_to_packed(attention=...)
+    "padding": InputForm.PADDED,  # convert_to_packed(attention=...)
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -45,18 +45,18 @@ def models(tmp_path_factory) -> dict[str, Path]:
     config, weights = load_hf_checkpoint(folder)
     directory = tmp_path_factory.mktemp("minilm")
     paths = {}
-    for variant in ("packed", "padded"):
+    for form in ("packed", "padded"):
         model = build_bert_onnx(
             config,
             weights,
-            variant=variant,
+            form=form,
             batch_size=BATCH,
             seq_len=SEQ,
             max_valid_num=SLOTS,
             head="encoder",
         )
-        paths[variant] = directory / f"{variant}.onnx"
-        onnx.save(model, paths[variant])
+        paths[form] = directory / f"{form}.onnx"
+        onnx.save(model, paths[form])
     return paths
 
 

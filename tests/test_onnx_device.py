@@ -46,7 +46,7 @@ def padded_results() -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize(
-    ("variant", "algorithm"),
+    ("form", "algorithm"),
     [
         ("packed", PackAlgorithm.LOOKAHEAD),
         ("packed", PackAlgorithm.FIRST_FIT),
@@ -55,8 +55,8 @@ def padded_results() -> list[dict[str, Any]]:
         ("unpack_repack", PackAlgorithm.STREAM),
     ],
 )
-async def test_every_mode_equals_the_padded_model(padded_results, variant, algorithm):
-    device = OnnxDevice(default_model_path(variant))
+async def test_every_mode_equals_the_padded_model(padded_results, form, algorithm):
+    device = OnnxDevice(default_model_path(form))
     results = await run_all(device, algorithm)
     report = compare_results(padded_results, results, LENGTHS)
     for name in ("start_logits", "end_logits"):

@@ -16,7 +16,7 @@ Semantics (as Graphcore's implementation): greedy next fit in arrival order, sta
 ``index``; the batch stops at ``max_valid_num`` samples or at the first sample the last row
 cannot take. ``position_ids`` restart at 0 for every sample. ``attention_mask`` holds ``1 + k``
 for the ``k``-th sample of the batch; in single-row mode it is renumbered to start at 1 in every
-row (the segment ids a packed attention-mask model expects). ``unpack_info[k, 0]`` is sample
+row (the segment ids a packed model expects). ``unpack_info[k, 0]`` is sample
 ``k``'s length.
 """
 
@@ -180,7 +180,7 @@ def pack_data(
         segment_num: Columns of ``unpack_info``.
         across_rows: True lays samples end to end in the flattened batch (they may cross row
             boundaries; unpack/repack models); False keeps each sample within one row
-            (attention-mask models) and renumbers the mask per row.
+            (packed models) and renumbers the mask per row.
         zero_delimiter_num: Zero tokens between samples of a row; only 0 is supported.
 
     Returns:

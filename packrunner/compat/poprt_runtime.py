@@ -67,7 +67,7 @@ _TOKEN_LAYOUTS: Final = frozenset({OutputLayout.PACKED_TOKENS, OutputLayout.SAMP
 class PackAlgorithm(enum.Enum):
     """PopRT's ``runtime.PackAlgorithm``, plus packrunner's ``lookahead``.
 
-    Only used in single-row (attention-mask) mode; across-rows models always pack end to end.
+    Only used in single-row mode (packed models); across-rows models always pack end to end.
 
     Attributes:
         next_fit: PopRT's default: fill the current row, open the next when a sample does not
@@ -93,7 +93,7 @@ class PackAlgorithm(enum.Enum):
 _UNSUPPORTED_KNOBS: Final[dict[str, str]] = {
     "compile_batch_size": "packrunner reads the batch size from the model's input shape",
     "disable_data_across_rows": (
-        "call config.enable_input_single_row_mode(mask_name) for attention-mask models"
+        "call config.enable_input_single_row_mode(mask_name) for packed models"
     ),
     "enable_padding_remove": "send unpadded samples (1-D arrays of the sample's own length)",
     "dynamic_group": "every per-token input is packed together with the dynamic input",
@@ -115,7 +115,7 @@ class PackRunnerConfig:
             the device is free.
         max_valid_num: Most samples in one batch. 0 (PopRT's default) means no explicit cap:
             for an unpack/repack model, the length of its ``unpack_info`` input (the only value
-            such a model accepts); for an attention-mask model, the most samples the batch can
+            such a model accepts); for a packed model, the most samples the batch can
             physically hold (``batch_size * seq_len``, one token each), or the number of
             segment slots of a per-segment output if the model has one. The token budget then
             decides.
@@ -248,7 +248,7 @@ class PackRunnerConfig:
 
     @property
     def single_row_mode(self) -> bool:
-        """Whether samples stay within one row (attention-mask models)."""
+        """Whether samples stay within one row (packed models)."""
         return bool(self._mask_name)
 
     def enable_input_single_row_mode(
@@ -256,7 +256,7 @@ class PackRunnerConfig:
     ) -> None:
         """Pack whole samples into rows and mark them in the ``mask_name`` input (segment ids).
 
-        This is the mode for attention-mask models (the ``"packed"`` variant). Without it the
+        This is the mode for packed models (:attr:`packrunner.InputForm.PACKED`). Without it the
         runner packs across rows, which needs an unpack/repack model.
 
         Args:
@@ -473,7 +473,7 @@ class Runner:
 
     Builds a :class:`packrunner.PackRunner` over an :class:`~packrunner.devices.onnx.OnnxDevice`
     for ``model_path`` and starts it. Single-row mode (``enable_input_single_row_mode``) needs
-    an attention-mask model (segment-id mask and ``position_ids`` inputs); otherwise the model
+    a packed model (segment-id mask and ``position_ids`` inputs); otherwise the model
     must be an unpack/repack model (it takes ``unpack_info``) and samples are packed across rows.
 
     Args:
@@ -738,10 +738,9 @@ def _plan(
     if config.single_row_mode:
         if takes_unpack_info:
             raise ConfigError(
-                f"single-row mode packs whole samples into rows for an attention-mask model, "
+                f"single-row mode packs whole samples into rows for a packed model, "
                 f"but this model takes {unpack_name!r} (an unpack/repack model): drop "
-                "enable_input_single_row_mode() to pack across rows, or use the attention-mask "
-                "(packed) model"
+                "enable_input_single_row_mode() to pack across rows, or use the packed model"
             )
         options["algorithm"] = config.algorithm.core
         options["mask_input_name"] = config.mask_name
@@ -754,10 +753,10 @@ def _plan(
         if not takes_unpack_info:
             raise ConfigError(
                 f"this model has no {unpack_name!r} input, so it cannot pack samples across "
-                "rows (PopRT's default mode); for an attention-mask model call "
+                "rows (PopRT's default mode); for a packed model call "
                 "config.enable_input_single_row_mode('attention_mask') first"
             )
-        options["algorithm"] = _core_config.PackAlgorithm.STREAM
+        options["algorithm"] = _core_config.InputForm.UNPACK_REPACK.default_algorithm
         options["max_valid_num"] = config.max_valid_num or inputs[unpack_name].shape[0]
         ignored.add(unpack_name)
         unpack_info_name = unpack_name

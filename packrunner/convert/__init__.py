@@ -1,25 +1,22 @@
-"""``packrunner convert``: rewrite a Hugging Face encoder ONNX export into the packed form.
+"""``packrunner convert``: rewrite a Hugging Face encoder ONNX export into an input form.
 
-See :mod:`packrunner.convert._converter` for what is rewritten and how the subgraphs are found.
+See :mod:`packrunner.convert._converter` for what is rewritten; the data-flow matchers are in
+``_match``, the rewrites in ``_rewrite`` and ``_unpack``.
 """
 
 from __future__ import annotations
 
 from packrunner.convert._converter import (
     PACKED_INPUT_NAMES,
-    AttentionMode,
     build_parser,
     convert_file,
     convert_to_packed,
     main,
 )
 from packrunner.errors import ConversionError
-from packrunner.graphs import MASK_BIAS
 
 __all__ = [
-    "MASK_BIAS",
     "PACKED_INPUT_NAMES",
-    "AttentionMode",
     "ConversionError",
     "build_parser",
     "convert_file",

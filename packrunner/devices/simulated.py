@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from packrunner.config import InputForm
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 
 __all__ = ["SEED_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
@@ -86,11 +87,15 @@ class SimulatedDevice(Device):
         batch_size: Compiled rows.
         seq_len: Compiled tokens per row.
         batch_latency_us: Wall time one batch takes (default: the seed's IPU, 8.6 ms).
-        mode: ``"attention_mask"`` (inputs ``input_ids``, ``token_type_ids``, ``position_ids``,
-            ``attention_mask`` with segment ids; outputs ``[batch_size, seq_len]``) or
-            ``"unpack_repack"`` (``attention_mask`` replaced by ``unpack_info``
-            ``[max_valid_num]``; samples may cross rows; outputs ``[max_valid_num, seq_len]``).
-        max_valid_num: Length of ``unpack_info`` in ``"unpack_repack"`` mode.
+        form: The :class:`~packrunner.InputForm` it is compiled for. ``PACKED`` (default):
+            inputs ``input_ids``, ``token_type_ids``, ``position_ids`` and ``attention_mask``
+            with segment ids, outputs ``[batch_size, seq_len]``. ``PADDED``: no
+            ``position_ids`` (every row starts at position 0), a 0/1 ``attention_mask``.
+            ``UNPACK_REPACK``: ``attention_mask`` replaced by ``unpack_info``
+            ``[max_valid_num]``; samples may cross rows; outputs ``[max_valid_num, seq_len]``.
+        max_valid_num: Length of ``unpack_info`` in the ``UNPACK_REPACK`` form.
+        mode: Deprecated spelling of ``form``: ``"attention_mask"`` (packed) or
+            ``"unpack_repack"``; overrides ``form`` when given.
 
     Example:
         >>> device = SimulatedDevice(batch_latency_us=0)
@@ -104,28 +109,30 @@ class SimulatedDevice(Device):
         batch_size: int = 16,
         seq_len: int = 256,
         batch_latency_us: int = SEED_IPU_BATCH_LATENCY_US,
-        mode: str = "attention_mask",
+        form: InputForm | str = InputForm.PACKED,
         max_valid_num: int = 40,
+        mode: str | None = None,
     ) -> None:
-        if mode not in ("attention_mask", "unpack_repack"):
-            raise ValueError(f"mode must be 'attention_mask' or 'unpack_repack', got {mode!r}")
+        form = InputForm.parse(form) if mode is None else InputForm.from_legacy(mode, what="mode")
         if batch_latency_us < 0:
             raise ValueError(f"batch_latency_us must be >= 0, got {batch_latency_us}")
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.batch_latency_us = batch_latency_us
-        self.mode = mode
+        self.form = form
         self.max_valid_num = max_valid_num
         shape = (batch_size, seq_len)
         int32 = np.dtype(np.int32)
-        names = ["input_ids", "token_type_ids", "position_ids"]
+        names = ["input_ids", "token_type_ids"]
+        if form is not InputForm.PADDED:
+            names.append("position_ids")
         specs = {name: TensorSpec(name, shape, int32) for name in names}
-        if mode == "attention_mask":
-            specs["attention_mask"] = TensorSpec("attention_mask", shape, int32)
-            layout = OutputLayout.PACKED_TOKENS
-        else:
+        if form is InputForm.UNPACK_REPACK:
             specs["unpack_info"] = TensorSpec("unpack_info", (max_valid_num,), int32)
             layout = OutputLayout.SAMPLE_TOKENS
+        else:
+            specs["attention_mask"] = TensorSpec("attention_mask", shape, int32)
+            layout = OutputLayout.PACKED_TOKENS
         self._input_specs = specs
         self._output_specs = {name: OutputSpec(name, layout) for name in OUTPUT_NAMES}
         self.batches_run = 0
@@ -151,12 +158,17 @@ class SimulatedDevice(Device):
         self._check_feeds(feeds)
         ids = feeds["input_ids"].astype(np.int64)
         types = feeds["token_type_ids"].astype(np.int64)
-        positions = feeds["position_ids"].astype(np.int64)
-        contribution, local = _token_terms(ids, types, positions)
-        if self.mode == "attention_mask":
-            outputs = self._run_segments(feeds["attention_mask"], contribution, local)
+        if self.form is InputForm.PADDED:
+            positions = np.broadcast_to(np.arange(self.seq_len, dtype=np.int64), ids.shape)
+            if feeds["attention_mask"].max() > 1:
+                raise ValueError("attention_mask of a padded model is a 0/1 mask")
         else:
+            positions = feeds["position_ids"].astype(np.int64)
+        contribution, local = _token_terms(ids, types, positions)
+        if self.form is InputForm.UNPACK_REPACK:
             outputs = self._run_stream(feeds["unpack_info"], contribution, local)
+        else:
+            outputs = self._run_segments(feeds["attention_mask"], contribution, local)
         self.batches_run += 1
         remaining = self.batch_latency_us * 1e-6 - (time.perf_counter() - started)
         if remaining > 0:

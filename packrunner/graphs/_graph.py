@@ -1,15 +1,17 @@
-"""Data-flow view of an ONNX graph, used by :mod:`packrunner.convert`.
+"""Data-flow view of an ONNX graph, and the one node emitter that writes into it.
 
-Nothing here knows about BERT: it answers "who produces / consumes this tensor", "is this tensor a
-constant and what is its value", "which graph inputs does this tensor's *value* depend on", and it
-does the bookkeeping of an edit (fresh names, topological re-sort, dead-node pruning). Patterns are
-matched on these answers rather than on node names, because exporters rename nodes freely
-(``Shape_7`` in one export is ``/bert/embeddings/Shape`` or ``node_Shape_3`` in the next).
+Nothing here knows about BERT. :class:`GraphView` answers "who produces / consumes this tensor",
+"is this tensor a constant and what is its value", "which graph inputs does this tensor's *value*
+depend on", and does the bookkeeping of an edit (fresh names, topological re-sort, dead-node
+pruning). The converter matches patterns on these answers rather than on node names, because
+exporters rename nodes freely (``Shape_7`` in one export is ``/bert/embeddings/Shape`` or
+``node_Shape_3`` in the next). :class:`NodeEmitter` appends nodes and initializers with fresh
+names; the model builder writes whole graphs with it, the converter its rewrites.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,11 +19,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["MASK_BIAS", "GraphView", "NodeEmitter", "default_opset", "subgraph_references"]
-
-#: Additive attention bias for a disallowed (query, key) pair. Finite so that fully masked rows
-#: stay finite; large enough that ``exp(-10000)`` underflows to exactly 0 in fp32 and fp16.
-MASK_BIAS = -10000.0
+__all__ = ["GraphView", "NodeEmitter", "default_opset", "subgraph_references"]
 
 # Ops whose output does not depend on the *values* of their input, only on its shape. A mask built
 # from ``Shape(hidden_states)`` therefore still counts as depending on the attention mask alone.
@@ -68,6 +66,11 @@ class GraphView:
         self._input_names: set[str] = set()
         self._deps: dict[str, frozenset[str]] = {}
         self._const_cache: dict[str, npt.NDArray[np.generic] | None] = {}
+        self._names: set[str] | None = None
+        # Names handed out by fresh_name/reserve: they stay taken across refreshes, so nodes
+        # built but not yet added to the graph never collide.
+        self._reserved: set[str] = set()
+        self._suffix: dict[str, int] = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -85,6 +88,7 @@ class GraphView:
         self._input_names = {i.name for i in self.graph.input} - set(self._initializers)
         self._deps = {}
         self._const_cache = {}
+        self._names = None
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -101,11 +105,20 @@ class GraphView:
         return name in self._input_names
 
     def all_names(self) -> set[str]:
-        """Every tensor and node name in use, to pick fresh ones that cannot collide."""
-        names = set(self._producer) | set(self._initializers) | set(self._consumers)
-        names |= {i.name for i in self.graph.input} | {o.name for o in self.graph.output}
-        names |= {n.name for n in self.graph.node if n.name}
-        return names
+        """Every tensor and node name in the graph or handed out by :meth:`fresh_name`."""
+        return self._graph_names() | self._reserved
+
+    def _graph_names(self) -> set[str]:
+        if self._names is None:
+            names = set(self._producer) | set(self._initializers) | set(self._consumers)
+            names |= {i.name for i in self.graph.input} | {o.name for o in self.graph.output}
+            names |= {n.name for n in self.graph.node if n.name}
+            self._names = names
+        return self._names
+
+    def is_taken(self, name: str) -> bool:
+        """Whether ``name`` is in the graph or was handed out already."""
+        return name in self._reserved or name in self._graph_names()
 
     def ancestors(self, name: str) -> Iterator[onnx.NodeProto]:
         """Nodes whose values ``name`` is computed from, nearest first (each at most once).
@@ -180,16 +193,37 @@ class GraphView:
 
     # -- editing -----------------------------------------------------------------------------
 
-    def fresh_name(self, base: str, taken: set[str]) -> str:
-        """A name starting with ``base`` that is in neither the graph nor ``taken`` (then taken)."""
-        used = self.all_names() | taken
+    def fresh_name(self, base: str) -> str:
+        """``base``, or ``base_N``, whichever is free first; it is taken from then on."""
         candidate = base
-        counter = 1
-        while candidate in used:
-            candidate = f"{base}_{counter}"
+        counter = self._suffix.get(base, 0)
+        while self.is_taken(candidate):
             counter += 1
-        taken.add(candidate)
+            candidate = f"{base}_{counter}"
+        self._suffix[base] = counter
+        self._reserved.add(candidate)
         return candidate
+
+    def reserve(self, name: str) -> str:
+        """Take exactly ``name`` (a graph input, output or weight); ``ValueError`` if taken.
+
+        A declared graph output that nothing produces yet (its producer was renamed away) is free
+        for the node that is to produce it.
+        """
+        if self.is_taken(name) and not self._is_unproduced_output(name):
+            raise ValueError(f"tensor name {name!r} is already in use")
+        self._reserved.add(name)
+        return name
+
+    def _is_unproduced_output(self, name: str) -> bool:
+        return (
+            name not in self._reserved
+            and name not in self._producer
+            and name not in self._consumers
+            and name not in self._initializers
+            and all(i.name != name for i in self.graph.input)
+            and any(o.name == name for o in self.graph.output)
+        )
 
     def rename_tensor(self, old: str, new: str) -> None:
         """Rename an internal tensor (node outputs and inputs, initializer, value_info)."""
@@ -273,49 +307,98 @@ def _constant_node_value(node: onnx.NodeProto) -> npt.NDArray[np.generic] | None
 
 
 class NodeEmitter:
-    """Creates nodes and constants with fresh names under one prefix, opset-aware.
+    """Creates nodes and initializers with fresh names under one prefix, opset-aware.
 
-    The nodes are collected in :attr:`nodes` (not yet in the graph) so the caller can add them in
-    one go; initializers go straight into the graph.
+    Every op returns the name of its (single) output, so graph code reads like the numpy
+    expression it computes. The nodes are collected in :attr:`nodes` (not yet in the graph) so
+    the caller adds them in one go; initializers go straight into the graph. Small constants recur
+    (axes, 0, 1, shapes): each distinct value gets one initializer per emitter.
 
     Attributes:
+        view: The graph written into.
+        prefix: Prepended (with ``/``) to every fresh name; ``""`` for none.
+        opset: Default-domain opset of the model (``Unsqueeze`` axes moved to an input in 13).
         nodes: The nodes created so far, in creation (topological) order.
     """
 
-    def __init__(self, view: GraphView, taken: set[str], *, prefix: str, opset: int) -> None:
-        """Emit into ``view``'s graph, reserving names in ``taken``."""
+    def __init__(self, view: GraphView, *, opset: int, prefix: str = "") -> None:
+        """Emit into ``view``'s graph."""
         self.view = view
-        self.taken = taken
         self.prefix = prefix
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
+        self._constants: dict[tuple[object, ...], str] = {}
 
-    def const(self, base: str, value: npt.ArrayLike, dtype: npt.DTypeLike) -> str:
-        """Add an initializer holding ``value`` as ``dtype``; return its name."""
-        name = self.view.fresh_name(f"{self.prefix}/{base}", self.taken)
-        array = np.asarray(value, dtype=dtype)
-        self.view.graph.initializer.append(numpy_helper.from_array(array, name))
+    def fresh(self, base: str) -> str:
+        """A fresh name for ``base`` under the prefix."""
+        return self.view.fresh_name(f"{self.prefix}/{base}" if self.prefix else base)
+
+    def weight(self, name: str, array: npt.NDArray[Any]) -> str:
+        """An initializer named exactly ``name`` (e.g. a checkpoint parameter's own name)."""
+        self.view.graph.initializer.append(numpy_helper.from_array(array, self.view.reserve(name)))
         return name
 
-    def typed_const(self, base: str, value: float, elem_type: int) -> str:
+    def const(self, value: npt.ArrayLike, dtype: npt.DTypeLike, base: str = "const") -> str:
+        """An initializer holding ``np.asarray(value, dtype)``; one per distinct value."""
+        # np.array, not np.ascontiguousarray: the latter turns scalars into shape (1,).
+        array = np.array(value, dtype=dtype, order="C")
+        key = ("array", array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            name = self.fresh(base)
+            self.view.graph.initializer.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def typed_const(self, value: float, elem_type: int, base: str = "const") -> str:
         """A scalar initializer of an ONNX element type (float16/bfloat16 included)."""
-        name = self.view.fresh_name(f"{self.prefix}/{base}", self.taken)
-        self.view.graph.initializer.append(onnx.helper.make_tensor(name, elem_type, [], [value]))
-        return name
+        key = ("typed", elem_type, value)
+        if key not in self._constants:
+            name = self.fresh(base)
+            self.view.graph.initializer.append(
+                onnx.helper.make_tensor(name, elem_type, [], [value])
+            )
+            self._constants[key] = name
+        return self._constants[key]
 
-    def op(self, op_type: str, inputs: list[str], base: str, **attrs: Any) -> str:
-        """Add a one-output node; return its output name."""
-        out = self.view.fresh_name(f"{self.prefix}/{base}", self.taken)
-        node_name = self.view.fresh_name(f"{self.prefix}/{op_type}_{base}", self.taken)
-        self.nodes.append(onnx.helper.make_node(op_type, inputs, [out], name=node_name, **attrs))
-        return out
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        base: str | None = None,
+        *,
+        out: str | None = None,
+        **attrs: Any,
+    ) -> str:
+        """Add a one-output node; return its output name.
+
+        Args:
+            op_type: ONNX operator (default domain).
+            inputs: Input tensor names.
+            base: Base of the fresh output name (default: the op type in lower case).
+            out: Exact output name instead (a graph output); must be free.
+            **attrs: Node attributes.
+        """
+        if out is None:
+            output = node_name = self.fresh(base or op_type.lower())
+        else:
+            output, node_name = self.view.reserve(out), self.fresh(base or op_type.lower())
+        self.nodes.append(
+            onnx.helper.make_node(op_type, list(inputs), [output], name=node_name, **attrs)
+        )
+        return output
 
     def with_axes(
-        self, op_type: str, data: str, axes: list[int], base: str, **attrs: object
+        self,
+        op_type: str,
+        data: str,
+        axes: Sequence[int],
+        base: str | None = None,
+        *,
+        out: str | None = None,
+        **attrs: Any,
     ) -> str:
         """Unsqueeze/Squeeze/ReduceSum-style op; ``axes`` became an input in opset 13."""
         if self.opset >= 13:
-            return self.op(
-                op_type, [data, self.const(f"{base}_axes", axes, np.int64)], base, **attrs
-            )
-        return self.op(op_type, [data], base, axes=axes, **attrs)
+            axes_name = self.const(list(axes), np.int64, "axes")
+            return self.op(op_type, [data, axes_name], base, out=out, **attrs)
+        return self.op(op_type, [data], base, out=out, axes=list(axes), **attrs)

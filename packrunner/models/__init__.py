@@ -2,10 +2,11 @@
 
 Typical use::
 
+    from packrunner import InputForm
     from packrunner.models import build_bert_onnx, load_hf_checkpoint
 
     config, weights = load_hf_checkpoint("path/to/bert")  # config.json + model.safetensors
-    model = build_bert_onnx(config, weights, variant="packed", head="encoder")
+    model = build_bert_onnx(config, weights, form=InputForm.PACKED, head="encoder")
 
 or, for tests and benchmarks, :func:`default_model_path` for a cached random-weight model.
 """
@@ -25,10 +26,8 @@ from packrunner.models.bert import (
     random_bert_weights,
 )
 from packrunner.models.builder import (
-    ATTENTION_MASK_BIAS,
     HEADS,
     MIN_OPSET,
-    VARIANTS,
     Head,
     Variant,
     build_bert_onnx,
@@ -46,14 +45,12 @@ from packrunner.models.checkpoints import MINILM_DISTRIBUTION, minilm_checkpoint
 from packrunner.models.reference import reference_forward
 
 __all__ = [
-    "ATTENTION_MASK_BIAS",
     "BUILDER_VERSION",
     "CACHE_ENV_VAR",
     "DEFAULT_CONFIG",
     "HEADS",
     "MINILM_DISTRIBUTION",
     "MIN_OPSET",
-    "VARIANTS",
     "BertConfig",
     "BertWeights",
     "FloatArray",

@@ -20,8 +20,9 @@ from typing import Final
 
 import onnx
 
+from packrunner.config import InputForm
 from packrunner.models.bert import DEFAULT_CONFIG, random_bert_weights
-from packrunner.models.builder import MIN_OPSET, Head, Variant, build_bert_onnx
+from packrunner.models.builder import MIN_OPSET, Head, build_bert_onnx
 
 __all__ = [
     "BUILDER_VERSION",
@@ -32,7 +33,7 @@ __all__ = [
     "default_model_path",
 ]
 
-BUILDER_VERSION: Final = 2
+BUILDER_VERSION: Final = 3
 """Bump whenever the graph builder or :func:`random_bert_weights` changes what it produces."""
 
 CACHE_ENV_VAR: Final = "PACKRUNNER_CACHE"
@@ -68,7 +69,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def default_model_path(
-    variant: Variant = "packed",
+    form: InputForm | str = InputForm.PACKED,
     *,
     batch_size: int = 16,
     seq_len: int = 256,
@@ -84,7 +85,7 @@ def default_model_path(
     processes at once: each may build, but the file appears atomically.
 
     Args:
-        variant: ``"packed"``, ``"padded"`` or ``"unpack_repack"``.
+        form: The model's :class:`~packrunner.InputForm` (or its value).
         batch_size: Rows of the static batch.
         seq_len: Tokens per row.
         max_valid_num: Samples per batch / segments per row (see ``build_bert_onnx``).
@@ -94,24 +95,25 @@ def default_model_path(
     Returns:
         Absolute path of the ``.onnx`` file.
     """
+    form = InputForm.parse(form)
     params = {
         "builder_version": BUILDER_VERSION,
         "config": dataclasses.asdict(DEFAULT_CONFIG),
         "seed": DEFAULT_SEED,
-        "variant": variant,
+        "form": form.value,
         "head": head,
         "batch_size": batch_size,
         "seq_len": seq_len,
         "max_valid_num": max_valid_num,
         "opset": MIN_OPSET,
     }
-    stem = f"bert-{variant}-{head}-b{batch_size}-s{seq_len}-m{max_valid_num}"
+    stem = f"bert-{form}-{head}-b{batch_size}-s{seq_len}-m{max_valid_num}"
 
     def build() -> onnx.ModelProto:
         return build_bert_onnx(
             DEFAULT_CONFIG,
             random_bert_weights(DEFAULT_CONFIG, seed=DEFAULT_SEED),
-            variant=variant,
+            form=form,
             batch_size=batch_size,
             seq_len=seq_len,
             max_valid_num=max_valid_num,
@@ -142,7 +144,7 @@ def _cached_model(
 
 def checkpoint_model_path(
     folder: str | os.PathLike[str],
-    variant: Variant = "packed",
+    form: InputForm | str = InputForm.PACKED,
     *,
     batch_size: int = 16,
     seq_len: int = 256,
@@ -157,7 +159,7 @@ def checkpoint_model_path(
 
     Args:
         folder: Folder with ``config.json`` and ``model.safetensors``.
-        variant: ``"packed"``, ``"padded"`` or ``"unpack_repack"``.
+        form: The model's :class:`~packrunner.InputForm` (or its value).
         batch_size: Rows of the static batch.
         seq_len: Tokens per row.
         max_valid_num: Samples per batch / segments per row.
@@ -172,11 +174,12 @@ def checkpoint_model_path(
         for p in source.iterdir()
         if p.suffix in (".json", ".safetensors")
     )
+    form = InputForm.parse(form)
     params = {
         "builder_version": BUILDER_VERSION,
         "source": str(source),
         "files": stamps,
-        "variant": variant,
+        "form": form.value,
         "head": head,
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -190,7 +193,7 @@ def checkpoint_model_path(
         return build_bert_onnx(
             config,
             weights,
-            variant=variant,
+            form=form,
             batch_size=batch_size,
             seq_len=seq_len,
             max_valid_num=max_valid_num,
@@ -198,5 +201,5 @@ def checkpoint_model_path(
             opset=MIN_OPSET,
         )
 
-    stem = f"{source.name}-{variant}-b{batch_size}-s{seq_len}-m{max_valid_num}"
+    stem = f"{source.name}-{form}-b{batch_size}-s{seq_len}-m{max_valid_num}"
     return _cached_model(stem, params, build, cache_dir)

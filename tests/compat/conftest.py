@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from packrunner.models import Variant, default_model_path
+from packrunner import InputForm
+from packrunner.models import default_model_path
 
 from ._support import BATCH_SIZE, MAX_VALID_NUM, SEQ_LEN, PaddedReference
 
@@ -17,9 +18,9 @@ def compat_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("compat-models")
 
 
-def _small(variant: Variant, cache: Path) -> Path:
+def _small(form: InputForm, cache: Path) -> Path:
     return default_model_path(
-        variant,
+        form,
         batch_size=BATCH_SIZE,
         seq_len=SEQ_LEN,
         max_valid_num=MAX_VALID_NUM,
@@ -29,20 +30,20 @@ def _small(variant: Variant, cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def packed_model(compat_cache: Path) -> Path:
-    """Attention-mask (single-row) model, [2, 16]."""
-    return _small("packed", compat_cache)
+    """Packed (single-row) model, [2, 16]."""
+    return _small(InputForm.PACKED, compat_cache)
 
 
 @pytest.fixture(scope="session")
 def unpack_repack_model(compat_cache: Path) -> Path:
     """Across-rows model taking unpack_info [6], [2, 16]."""
-    return _small("unpack_repack", compat_cache)
+    return _small(InputForm.UNPACK_REPACK, compat_cache)
 
 
 @pytest.fixture(scope="session")
 def padded_model(compat_cache: Path) -> Path:
     """Padded model (no position_ids input), [2, 16]."""
-    return _small("padded", compat_cache)
+    return _small(InputForm.PADDED, compat_cache)
 
 
 @pytest.fixture(scope="session")

@@ -29,13 +29,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from packrunner.convert import (
-    MASK_BIAS,
     PACKED_INPUT_NAMES,
     ConversionError,
     convert_file,
     convert_to_packed,
     main,
 )
+from packrunner.graphs import MASK_BIAS
 
 from ._support import (
     Placement,
@@ -101,7 +101,7 @@ def test_io_contract(converted: onnx.ModelProto) -> None:
     # pooler_output (one vector per row) is dropped by default.
     assert "pooler_output" not in {o.name for o in converted.graph.output}
     props = {p.key: p.value for p in converted.metadata_props}
-    assert props["packrunner.packed"] == "batch_size=16;seq_len=256;attention=block_diagonal"
+    assert props["packrunner.packed"] == "batch_size=16;seq_len=256;form=packed"
 
 
 def test_old_mask_subgraph_is_gone(converted: onnx.ModelProto) -> None:
@@ -144,7 +144,7 @@ def test_negative_controls_differ(
     if control == "0/1 mask":
         feeds["attention_mask"] = (feeds["attention_mask"] > 0).astype(np.int32)
     elif control == "padding-mode model":
-        model = convert_to_packed(fixture_path(fixture_name), attention="padding")
+        model = convert_to_packed(fixture_path(fixture_name), form="padded")
         feeds["attention_mask"] = (feeds["attention_mask"] > 0).astype(np.int32)
     else:  # positions counted from the row start, as an unconverted model would
         feeds["position_ids"] = np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()
@@ -156,7 +156,7 @@ def test_negative_controls_differ(
 
 def test_padding_mode_matches_one_sample_per_row() -> None:
     # With one sample per row, a 0/1 mask is all that is needed: padding mode must be exact.
-    model = convert_to_packed(fixture_path("tiny_hf_bert_qa"), attention="padding")
+    model = convert_to_packed(fixture_path("tiny_hf_bert_qa"), form="padded")
     rng = np.random.default_rng(3)
     # Longer than half a row each, so first-fit puts exactly one per row.
     lengths = [int(n) for n in rng.integers(SEQ // 2 + 1, SEQ + 1, size=BATCH)]
@@ -240,7 +240,7 @@ MAX_VALID = 40
 @pytest.fixture(scope="module")
 def unpack_model(fixture_name: str) -> onnx.ModelProto:
     return convert_to_packed(
-        fixture_path(fixture_name), attention="unpack_repack", max_valid_num=MAX_VALID
+        fixture_path(fixture_name), form="unpack_repack", max_valid_num=MAX_VALID
     )
 
 
@@ -332,7 +332,7 @@ def test_unpack_repack_empty_batch(unpack_model: onnx.ModelProto) -> None:
 def test_unpack_repack_rejects_keep_row_outputs() -> None:
     with pytest.raises(ValueError, match="keep_row_outputs cannot be combined"):
         convert_to_packed(
-            fixture_path("tiny_hf_bert_base_sdpa"), attention="unpack_repack", keep_row_outputs=True
+            fixture_path("tiny_hf_bert_base_sdpa"), form="unpack_repack", keep_row_outputs=True
         )
 
 
@@ -408,7 +408,7 @@ def test_no_attention_softmax() -> None:
     ):
         convert_to_packed(model)
     # The same graph converts in padding mode, which needs no mask subgraph.
-    padded = convert_to_packed(model, attention="padding", batch_size=2, seq_len=8)
+    padded = convert_to_packed(model, form="padded", batch_size=2, seq_len=8)
     assert [i.name for i in padded.graph.input] == ["input_ids", "attention_mask", "position_ids"]
 
 
@@ -468,7 +468,7 @@ def test_seq_len_longer_than_position_table() -> None:
     [
         ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
         ({"seq_len": -1}, "seq_len must be >= 1, got -1"),
-        ({"attention": "causal"}, "attention must be one of"),
+        ({"form": "causal"}, "form must be one of"),
         ({"max_valid_num": 0}, "max_valid_num must be >= 1, got 0"),
     ],
 )

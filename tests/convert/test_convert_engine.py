@@ -1,8 +1,8 @@
 """The converter's output runs under packrunner's own engine (PackRunner + OnnxDevice).
 
 The other tests feed the converted graphs with this directory's reference packer; this one checks
-the contract with the engine: a ``block_diagonal`` model under the row-packing algorithms and an
-``unpack_repack`` model under ``algorithm=stream``, each sample's result equal to the unconverted
+the contract with the engine: a packed model under the row-packing algorithms and an unpack/repack
+model under ``algorithm=stream``, each sample's result equal to the unconverted
 fixture run on that sample alone.
 """
 
@@ -14,27 +14,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from packrunner import PackRunner, RunnerConfig
+from packrunner import InputForm, PackRunner, RunnerConfig
 from packrunner.config import PackAlgorithm
-from packrunner.convert import AttentionMode, convert_file
+from packrunner.convert import convert_file
 from packrunner.devices.onnx import OnnxDevice
 
 from ._support import fixture_path, make_session, random_samples, run_single
 
 
 @pytest.mark.parametrize(
-    ("attention", "algorithm"),
+    ("form", "algorithm"),
     [
-        ("block_diagonal", PackAlgorithm.LOOKAHEAD),
-        ("block_diagonal", PackAlgorithm.FIRST_FIT),
-        ("unpack_repack", PackAlgorithm.STREAM),
+        (InputForm.PACKED, PackAlgorithm.LOOKAHEAD),
+        (InputForm.PACKED, PackAlgorithm.FIRST_FIT),
+        (InputForm.UNPACK_REPACK, PackAlgorithm.STREAM),
     ],
 )
 def test_engine_runs_converted_model(
-    tmp_path: Path, attention: AttentionMode, algorithm: PackAlgorithm
+    tmp_path: Path, form: InputForm, algorithm: PackAlgorithm
 ) -> None:
     model_path = tmp_path / "packed.onnx"
-    convert_file(fixture_path("tiny_hf_bert_qa"), model_path, attention=attention)
+    convert_file(fixture_path("tiny_hf_bert_qa"), model_path, form=form)
     rng = np.random.default_rng(11)
     samples = random_samples(rng, [int(n) for n in rng.integers(1, 257, size=40)], 128)
     config = RunnerConfig(algorithm=algorithm, timeout_us=2_000)

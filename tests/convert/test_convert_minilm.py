@@ -191,7 +191,7 @@ def test_minilm_unpack_repack(
     exported: tuple[BertModel, Path], samples: list[Sample], request: pytest.FixtureRequest
 ) -> None:
     model, path = exported
-    converted = convert_to_packed(path, attention="unpack_repack", max_valid_num=len(samples))
+    converted = convert_to_packed(path, form="unpack_repack", max_valid_num=len(samples))
     feeds, placements = stream_pack(samples, 16, 256, len(samples))
     outputs = run(make_session(converted.SerializeToString()), feeds)
     _check(request, outputs, placements, _references(model, path, samples))
@@ -207,7 +207,7 @@ def test_minilm_converted_equals_the_graph_built_from_safetensors(
     _, path = exported
     converted = convert_to_packed(path)
     config, weights = load_hf_checkpoint(MODEL_DIR)
-    built = build_bert_onnx(config, weights, variant="packed", head="encoder")
+    built = build_bert_onnx(config, weights, form="packed", head="encoder")
     feeds, _ = pack(samples, 16, 256)
     from_converter = run(make_session(converted.SerializeToString()), feeds)
     built_session = make_session(built.SerializeToString())

@@ -124,11 +124,11 @@ def test_bert_like_graph(opset: int, slice_name: str) -> None:
 
     if opset >= 13:
         stream = convert_to_packed(
-            original, batch_size=BATCH, seq_len=SEQ, attention="unpack_repack", max_valid_num=12
+            original, batch_size=BATCH, seq_len=SEQ, form="unpack_repack", max_valid_num=12
         )
         feeds, placements = stream_pack(samples, BATCH, SEQ, 12)
         outputs = run(make_session(stream.SerializeToString()), feeds)
         assert per_sample_max_diff(outputs, placements, references) <= 1e-5
     else:
         with pytest.raises(ConversionError, match="needs ai.onnx opset >= 13, got 12"):
-            convert_to_packed(original, batch_size=BATCH, seq_len=SEQ, attention="unpack_repack")
+            convert_to_packed(original, batch_size=BATCH, seq_len=SEQ, form="unpack_repack")

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from packrunner import InputForm
 from packrunner.models import (
     DEFAULT_CONFIG,
     BertWeights,
     Head,
-    Variant,
     default_model_path,
     random_bert_weights,
 )
@@ -41,14 +41,14 @@ def default_weights() -> BertWeights:
 
 
 @pytest.fixture(scope="session")
-def default_model(model_cache_dir: Path) -> Callable[[Variant, Head], OrtModel]:
+def default_model(model_cache_dir: Path) -> Callable[[InputForm, Head], OrtModel]:
     """Session factory for the default ``[16, 256]``, ``max_valid_num=40`` models."""
     sessions: dict[tuple[str, str], OrtModel] = {}
 
-    def get(variant: Variant, head: Head) -> OrtModel:
-        if (variant, head) not in sessions:
-            path = default_model_path(variant, head=head, cache_dir=model_cache_dir)
-            sessions[variant, head] = OrtModel(path)
-        return sessions[variant, head]
+    def get(form: InputForm, head: Head) -> OrtModel:
+        if (form, head) not in sessions:
+            path = default_model_path(form, head=head, cache_dir=model_cache_dir)
+            sessions[form, head] = OrtModel(path)
+        return sessions[form, head]
 
     return get

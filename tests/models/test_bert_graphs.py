@@ -16,13 +16,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from packrunner import InputForm
 from packrunner.models import (
     DEFAULT_CONFIG,
     HEADS,
-    VARIANTS,
     BertWeights,
     Head,
-    Variant,
     build_bert_onnx,
     input_names,
     output_names,
@@ -43,7 +42,7 @@ from ._packing import (
 
 B, S, M = 16, 256, 40
 H = DEFAULT_CONFIG.hidden_size
-ModelFactory = Callable[[Variant, Head], OrtModel]
+ModelFactory = Callable[[InputForm, Head], OrtModel]
 Outputs = dict[str, npt.NDArray[Any]]
 PerSample = list[dict[str, npt.NDArray[Any]]]
 
@@ -195,7 +194,7 @@ def _assert_finite(out: Outputs) -> None:
 def test_padded_matches_reference(
     head: Head, packed_case: PackedCase, default_model: ModelFactory
 ) -> None:
-    padded = _run_padded(default_model("padded", head), head, packed_case.samples)
+    padded = _run_padded(default_model(InputForm.PADDED, head), head, packed_case.samples)
     _compare(f"padded/{head} vs reference", padded, packed_case.references, head)
 
 
@@ -203,13 +202,13 @@ def test_padded_matches_reference(
 def test_packed_matches_padded_and_reference(
     head: Head, packed_case: PackedCase, default_model: ModelFactory
 ) -> None:
-    out = default_model("packed", head)(packed_case.feeds)
+    out = default_model(InputForm.PACKED, head)(packed_case.feeds)
     _assert_finite(out)
     got = [
         _from_packed(out, head, p, s.length)
         for p, s in zip(packed_case.placements, packed_case.samples, strict=True)
     ]
-    padded = _run_padded(default_model("padded", head), head, packed_case.samples)
+    padded = _run_padded(default_model(InputForm.PADDED, head), head, packed_case.samples)
     _compare(f"packed/{head} vs padded", got, padded, head)
     _compare(f"packed/{head} vs reference", got, packed_case.references, head)
 
@@ -217,7 +216,7 @@ def test_packed_matches_padded_and_reference(
 def test_packed_sentence_embedding_zero_for_absent_segments(
     packed_case: PackedCase, default_model: ModelFactory
 ) -> None:
-    pooled = default_model("packed", "encoder")(packed_case.feeds)["sentence_embedding"]
+    pooled = default_model(InputForm.PACKED, "encoder")(packed_case.feeds)["sentence_embedding"]
     assert pooled.shape == (B, M, H)
     for r in range(B):
         used = len(packed_case.rows[r]) if r < len(packed_case.rows) else 0
@@ -234,7 +233,7 @@ def test_packed_negative_control_plain_mask_differs(
     Proves the equality checks above can fail: if the graph ignored the segment ids, this
     plain-0/1-mask run would match them.
     """
-    model = default_model("packed", head)
+    model = default_model(InputForm.PACKED, head)
     plain = dict(packed_case.feeds)
     plain["attention_mask"] = (plain["attention_mask"] > 0).astype(np.int32)
     leaky = model(plain)
@@ -258,7 +257,7 @@ def test_packed_negative_control_plain_mask_differs(
 def test_unpack_repack_matches_padded_and_reference(
     head: Head, stream_case: StreamCase, default_model: ModelFactory
 ) -> None:
-    out = default_model("unpack_repack", head)(stream_case.feeds)
+    out = default_model(InputForm.UNPACK_REPACK, head)(stream_case.feeds)
     _assert_finite(out)
     used = [k for k, s in enumerate(stream_case.samples) if s.length]
     assert any(
@@ -268,7 +267,7 @@ def test_unpack_repack_matches_padded_and_reference(
     ), "the layout must put at least one sample across a row boundary"
     samples = [stream_case.samples[k] for k in used]
     got = [_from_slot(out, head, k, stream_case.samples[k].length) for k in used]
-    padded = _run_padded(default_model("padded", head), head, samples)
+    padded = _run_padded(default_model(InputForm.PADDED, head), head, samples)
     _compare(f"unpack_repack/{head} vs padded", got, padded, head)
     _compare(
         f"unpack_repack/{head} vs reference", got, [stream_case.references[k] for k in used], head
@@ -300,7 +299,7 @@ def test_unpack_repack_negative_control_merged_samples_differ(
     merged = dict(feeds)
     merged["unpack_info"] = feeds["unpack_info"].copy()
     merged["unpack_info"][1:3] = [226, 0]  # slots 1 and 2 read as one 226-token sample
-    model = default_model("unpack_repack", head)
+    model = default_model(InputForm.UNPACK_REPACK, head)
     good, leaky = model(feeds), model(merged)
     diff = max(
         max_abs_diff(_from_slot(good, head, 1, 100)[n], _from_slot(leaky, head, 1, 100)[n])
@@ -321,33 +320,33 @@ def test_unpack_repack_negative_control_merged_samples_differ(
 
 
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("form", tuple(InputForm))
 def test_all_padding_batch_is_finite(
-    variant: Variant, head: Head, default_model: ModelFactory
+    form: InputForm, head: Head, default_model: ModelFactory
 ) -> None:
     """All-padding rows / all slots empty: every query has no allowed key, yet no NaN."""
-    model = default_model(variant, head)
+    model = default_model(form, head)
     feeds = {
         name: np.zeros((M,) if name == "unpack_info" else (B, S), dtype=np.int32)
-        for name in input_names(variant)
+        for name in input_names(form)
     }
     out = model(feeds)
     _assert_finite(out)
-    if variant == "unpack_repack":
+    if form == "unpack_repack":
         for value in out.values():
             assert np.all(value == 0.0)
-    if head == "encoder" and variant != "unpack_repack":
+    if head == "encoder" and form != "unpack_repack":
         assert np.all(out["sentence_embedding"] == 0.0)
 
 
 @pytest.mark.parametrize("opset", [18, 21])
-@pytest.mark.parametrize(("variant", "head"), [("packed", "qa"), ("unpack_repack", "encoder")])
-def test_other_opsets_give_same_outputs(variant: Variant, head: Head, opset: int) -> None:
+@pytest.mark.parametrize(("form", "head"), [("packed", "qa"), ("unpack_repack", "encoder")])
+def test_other_opsets_give_same_outputs(form: InputForm, head: Head, opset: int) -> None:
     """The graph uses no op whose signature changed after opset 17 in an incompatible way."""
     weights = random_bert_weights(DEFAULT_CONFIG, seed=3)
     rng = np.random.default_rng(5)
     samples = random_samples(rng, [7, 20, 5, 0, 30], DEFAULT_CONFIG.vocab_size)
-    if variant == "packed":
+    if form == "packed":
         feeds, _ = pack_rows([samples[:2], [], [samples[2]], [samples[4]]], 4, 32)
     else:
         feeds, _ = pack_stream(samples, 4, 32, 6)
@@ -356,7 +355,7 @@ def test_other_opsets_give_same_outputs(variant: Variant, head: Head, opset: int
         model = build_bert_onnx(
             DEFAULT_CONFIG,
             weights,
-            variant=variant,
+            form=form,
             head=head,
             batch_size=4,
             seq_len=32,
@@ -377,7 +376,7 @@ def test_unpack_repack_invalid_lengths_stay_in_bounds(head: Head) -> None:
         build_bert_onnx(
             DEFAULT_CONFIG,
             random_bert_weights(DEFAULT_CONFIG, seed=0),
-            variant="unpack_repack",
+            form="unpack_repack",
             head=head,
             batch_size=2,
             seq_len=16,

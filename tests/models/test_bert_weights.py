@@ -13,14 +13,13 @@ import onnx
 import pytest
 from safetensors.numpy import save_file
 
+from packrunner import InputForm
 from packrunner.models import (
     DEFAULT_CONFIG,
     HEADS,
-    VARIANTS,
     BertConfig,
     Head,
     ModelFormatError,
-    Variant,
     build_bert_onnx,
     expected_parameter_shapes,
     has_qa_head,
@@ -272,12 +271,12 @@ def test_load_hf_checkpoint_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_graph_interface(variant: Variant, head: Head) -> None:
+@pytest.mark.parametrize("form", tuple(InputForm))
+def test_graph_interface(form: InputForm, head: Head) -> None:
     model = build_bert_onnx(
         TINY,
         random_bert_weights(TINY, seed=0),
-        variant=variant,
+        form=form,
         head=head,
         batch_size=3,
         seq_len=8,
@@ -285,19 +284,19 @@ def test_graph_interface(variant: Variant, head: Head) -> None:
     )
     onnx.checker.check_model(model, full_check=True)
     graph = model.graph
-    assert tuple(i.name for i in graph.input) == input_names(variant)
+    assert tuple(i.name for i in graph.input) == input_names(form)
     assert tuple(o.name for o in graph.output) == output_names(head)
     for value in graph.input:
         assert value.type.tensor_type.elem_type == onnx.TensorProto.INT32
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
         assert dims == ([5] if value.name == "unpack_info" else [3, 8])
-    rows = 5 if variant == "unpack_repack" else 3
+    rows = 5 if form == "unpack_repack" else 3
     expected = {
         "start_logits": [rows, 8],
         "end_logits": [rows, 8],
         "last_hidden_state": [rows, 8, 16],
         "sentence_embedding": {"packed": [3, 5, 16], "padded": [3, 16], "unpack_repack": [5, 16]}[
-            variant
+            form
         ],
     }
     for value in graph.output:
@@ -314,20 +313,20 @@ def test_graph_interface(variant: Variant, head: Head) -> None:
 
 def test_build_rejects_bad_arguments() -> None:
     weights = random_bert_weights(TINY, seed=0)
-    with pytest.raises(ValueError, match="variant"):
-        build_bert_onnx(TINY, weights, variant="ragged")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="form"):
+        build_bert_onnx(TINY, weights, form="ragged")
     with pytest.raises(ValueError, match="head"):
-        build_bert_onnx(TINY, weights, variant="packed", head="mlm")  # type: ignore[arg-type]
+        build_bert_onnx(TINY, weights, form="packed", head="mlm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        build_bert_onnx(TINY, weights, variant="packed", seq_len=65)
+        build_bert_onnx(TINY, weights, form="packed", seq_len=65)
     with pytest.raises(ValueError, match="batch_size"):
-        build_bert_onnx(TINY, weights, variant="packed", batch_size=0, seq_len=8)
+        build_bert_onnx(TINY, weights, form="packed", batch_size=0, seq_len=8)
     with pytest.raises(ValueError, match="opset"):
-        build_bert_onnx(TINY, weights, variant="packed", seq_len=8, opset=16)
+        build_bert_onnx(TINY, weights, form="packed", seq_len=8, opset=16)
     no_qa = random_bert_weights(TINY, seed=0, with_qa_head=False)
     with pytest.raises(ModelFormatError, match="qa_outputs"):
-        build_bert_onnx(TINY, no_qa, variant="packed", seq_len=8, head="qa")
-    build_bert_onnx(TINY, no_qa, variant="packed", seq_len=8, head="encoder")
+        build_bert_onnx(TINY, no_qa, form="packed", seq_len=8, head="qa")
+    build_bert_onnx(TINY, no_qa, form="packed", seq_len=8, head="encoder")
 
 
 # --- Numpy reference. -------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import numpy.typing as npt
 import pytest
 from tokenizers import Tokenizer
 
+from packrunner import InputForm
 from packrunner.models import (
     BertConfig,
     BertWeights,
-    Variant,
     build_bert_onnx,
     load_hf_checkpoint,
     minilm_checkpoint_dir,
@@ -64,11 +64,11 @@ def minilm() -> MiniLM:
     return MiniLM(config, weights, samples)
 
 
-def _encoder(minilm: MiniLM, variant: Variant) -> OrtModel:
+def _encoder(minilm: MiniLM, form: InputForm) -> OrtModel:
     model = build_bert_onnx(
         minilm.config,
         minilm.weights,
-        variant=variant,
+        form=form,
         head="encoder",
         batch_size=B,
         seq_len=S,
@@ -79,12 +79,12 @@ def _encoder(minilm: MiniLM, variant: Variant) -> OrtModel:
 
 @pytest.fixture(scope="module")
 def packed_minilm(minilm: MiniLM) -> OrtModel:
-    return _encoder(minilm, "packed")
+    return _encoder(minilm, InputForm.PACKED)
 
 
 @pytest.fixture(scope="module")
 def padded_minilm(minilm: MiniLM) -> OrtModel:
-    return _encoder(minilm, "padded")
+    return _encoder(minilm, InputForm.PADDED)
 
 
 def _cosine(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
