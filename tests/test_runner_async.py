@@ -11,6 +11,7 @@ import pytest
 
 from packrunner import (
     DeviceError,
+    InputForm,
     InvalidSampleError,
     OverloadedError,
     PackAlgorithm,
@@ -30,8 +31,10 @@ from tests.helpers import (
 
 
 def device_for(algorithm: PackAlgorithm, **kwargs) -> SimulatedDevice:
-    mode = "unpack_repack" if algorithm is PackAlgorithm.STREAM else "attention_mask"
-    return SimulatedDevice(mode=mode, **kwargs)
+    # Every row algorithm, padded included, on the packed device (a padded batch is a packed
+    # batch with one segment per row, and callers may pass position_ids); stream on its own form.
+    form = InputForm.UNPACK_REPACK if algorithm is PackAlgorithm.STREAM else InputForm.PACKED
+    return SimulatedDevice(form=form, **kwargs)
 
 
 @pytest.mark.parametrize("algorithm", list(PackAlgorithm))

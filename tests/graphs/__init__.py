@@ -1,0 +1,1 @@
+"""Tests of packrunner.graphs (the ONNX graph toolkit shared by builder and converter)."""
