@@ -1,7 +1,7 @@
 """``packrunner convert``: rewrite a Hugging Face encoder ONNX export into an input form.
 
 See :mod:`packrunner.convert._converter` for what is rewritten; the data-flow matchers are in
-``_match``, the rewrites in ``_rewrite`` and ``_unpack``.
+``_match`` and ``_match_cores``, the rewrites in ``_rewrite`` and ``_unpack``.
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ In every form ``position_ids`` is a graph input (restarting at 0 for each sample
 internal ``Range``/``Slice`` of a position buffer that fed the position-embedding ``Gather``, all
 token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and every output has a static
 shape. The subgraphs are found by data flow, not by node names (PopRT's example deletes
-``Shape_7``, ``Gather_9``... by name, which breaks with the next exporter version): the finders are
-in :mod:`packrunner.convert._match`, the rewrites in :mod:`packrunner.convert._rewrite` and
-:mod:`packrunner.convert._unpack`, and :func:`convert_to_packed` runs them in one pass.
+``Shape_7``, ``Gather_9``... by name, which breaks with the next exporter version). The finders
+(``_match``, ``_match_cores``) return what they found as plain dataclasses before anything is
+edited; the rewrites (``_rewrite``, ``_unpack``) apply it; :func:`convert_to_packed` runs them in
+one pass (``_convert``).
 
 Example::
 
@@ -56,11 +57,11 @@ from packrunner.convert._match import (
     TensorTypes,
     classify_outputs,
     dims,
-    find_attention_cores,
     find_inputs,
     find_mask_sites,
     find_position_lookup,
 )
+from packrunner.convert._match_cores import find_attention_cores
 from packrunner.convert._rewrite import (
     drop_outputs,
     expose_position_ids,

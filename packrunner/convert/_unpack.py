@@ -2,7 +2,7 @@
 
 Everything token-wise (embeddings, projections, feed-forward, LayerNorm) is indifferent to where a
 token sits, so it runs on the ``[B, S]`` token stream unchanged. Only attention mixes tokens: each
-:class:`~packrunner.convert._match.AttentionCore` found in the static graph, from the Q/K/V
+:class:`~packrunner.convert._match_cores.AttentionCore` found in the static graph, from the Q/K/V
 projection outputs ``[B, S, H]`` to the context ``[B, S, H]``, runs on a per-sample view instead:
 
 * unpack: ``Gather(Reshape(x, [B*S, H]), gather)`` gives ``[M, S, H]``, slot ``k`` holding sample
@@ -15,8 +15,6 @@ projection outputs ``[B, S, H]`` to the context ``[B, S, H]``, runs on a per-sam
 The per-token outputs are finally unpacked the same way to ``[M, S, ...]`` and zeroed past each
 sample's length. The index tensors, the bias and the gathers are
 :class:`packrunner.graphs.StreamIndex`, the code the model builder uses too.
-
-(:class:`~packrunner.InputForm` lives in :mod:`packrunner.config`.)
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from onnx import TensorProto, helper
 
-from packrunner.convert._match import AttentionCore
+from packrunner.convert._match_cores import AttentionCore
 from packrunner.errors import ConversionError
 from packrunner.graphs import UNPACK_INFO, GraphView, NodeEmitter, StreamIndex
 
