@@ -42,7 +42,7 @@ _INT32_OK: dict[str, int | None] = {"Gather": 1, "Shape": None, "Size": None}
 
 def free_name(view: GraphView, name: str) -> None:
     """Rename an internal tensor that already has the name a new graph input needs."""
-    if name in view.all_names():  # e.g. a traced ``position_ids`` variable
+    if view.is_taken(name):  # e.g. a traced ``position_ids`` variable
         view.rename_tensor(name, view.fresh_name(f"{name}_internal"))
 
 

@@ -104,10 +104,6 @@ class GraphView:
         """Whether ``name`` is a graph input that is not also an initializer."""
         return name in self._input_names
 
-    def all_names(self) -> set[str]:
-        """Every tensor and node name in the graph or handed out by :meth:`fresh_name`."""
-        return self._graph_names() | self._reserved
-
     def _graph_names(self) -> set[str]:
         if self._names is None:
             names = set(self._producer) | set(self._initializers) | set(self._consumers)
@@ -117,7 +113,7 @@ class GraphView:
         return self._names
 
     def is_taken(self, name: str) -> bool:
-        """Whether ``name`` is in the graph or was handed out already."""
+        """Whether ``name`` names a tensor or node of the graph, or was handed out already."""
         return name in self._reserved or name in self._graph_names()
 
     def ancestors(self, name: str) -> Iterator[onnx.NodeProto]:
@@ -393,12 +389,10 @@ class NodeEmitter:
         data: str,
         axes: Sequence[int],
         base: str | None = None,
-        *,
-        out: str | None = None,
         **attrs: Any,
     ) -> str:
         """Unsqueeze/Squeeze/ReduceSum-style op; ``axes`` became an input in opset 13."""
         if self.opset >= 13:
             axes_name = self.const(list(axes), np.int64, "axes")
-            return self.op(op_type, [data, axes_name], base, out=out, **attrs)
-        return self.op(op_type, [data], base, out=out, axes=list(axes), **attrs)
+            return self.op(op_type, [data, axes_name], base, **attrs)
+        return self.op(op_type, [data], base, axes=list(axes), **attrs)
