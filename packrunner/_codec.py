@@ -163,7 +163,9 @@ class SampleSchema:
                 )
             value = np.ma.getdata(value)
         if isinstance(value, np.ndarray):
-            array: npt.NDArray[Any] = value
+            # The plain ndarray over the same memory: a subclass's own methods (__len__,
+            # __getitem__, __array__...) never run; its values are read as they are stored.
+            array: npt.NDArray[Any] = np.ndarray.view(value, np.ndarray)
         elif isinstance(value, list | tuple):
             try:
                 array = np.asarray(value)
