@@ -56,7 +56,7 @@ class Batch:
     requests: list[Any]  # the runner's requests, in slot order
     plan: PackPlan
     feeds: dict[str, npt.NDArray[Any]]
-    reason: str  # "full" | "timeout" | "drain" | "warmup"
+    reason: str  # "full" | "timeout" | "drain"
     packed_at: float  # monotonic time the batch was formed
     claimed: bool = False  # under the lock: its outcome is being delivered
     worker: _Worker | None = None  # under the lock: who runs it, once started
@@ -169,10 +169,10 @@ class WorkerPool:
                     f"the device did not finish a batch of {len(batch.requests)} samples within "
                     f"device_timeout_s={timeout_s} s; its worker thread was abandoned"
                 )
-        self._report(batch, None, error, 0.0 if started is None else now - started)
         if replace is not None:
             logger.error("device %r hung; opening a replacement", replace)
             self._spawn(replace.replica, None)
+        self._report(batch, None, error, 0.0 if started is None else now - started)
 
     def _replacement_done(self, worker: _Worker, error: BaseException | None) -> None:
         """Engine thread: a replacement device opened, or could not be made."""

@@ -379,9 +379,9 @@ class PackRunner:
                 requests.append(self._new_request_locked(item, future, None, timeout, now))
                 futures.append(future)
             batch_requests = [requests[i] for i in plan.chosen]
-            self._count_batch_locked(plan, "warmup")
+            self._count_batch_locked(plan, "full")
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._dispatch, batch_requests, plan, "warmup")
+        self._loop.call_soon_threadsafe(self._dispatch, batch_requests, plan, "full")
         return futures
 
     # ------------------------------------------------------------------------------ requests
