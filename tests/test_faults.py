@@ -23,7 +23,7 @@ from packrunner import (
 from packrunner.prometheus import RunnerCollector
 from tests.helpers import FaultPlan, FaultyDevice, assert_matches_reference, random_samples
 
-SMALL = {"batch_size": 4, "seq_len": 16}
+SMALL: dict[str, Any] = {"batch_size": 4, "seq_len": 16}
 SAMPLE = {"input_ids": np.array([3, 4, 5], np.int32)}
 
 
@@ -108,7 +108,7 @@ def test_outputs_of_the_wrong_kind_fail_the_batch() -> None:
             self.value = value
 
         def run(self, feeds: Any) -> Any:
-            outputs = super().run(feeds)
+            outputs: dict[str, object] = dict(super().run(feeds))
             outputs["start_logits"] = self.value
             return outputs
 

@@ -37,7 +37,7 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
-INTEGER_DTYPES = [np.dtype(code).newbyteorder(order) for code in "bhilqBHILQ" for order in "<>"]
+INTEGER_DTYPES = [np.dtype(f"{order}{code}") for code in "bhilqBHILQ" for order in "<>"]
 OTHER_DTYPES = [
     np.dtype(t)
     for t in (bool, np.float16, np.float32, ">f8", np.complex64, object, "U4", "datetime64[s]")
@@ -45,7 +45,7 @@ OTHER_DTYPES = [
 WRAPPERS = ("array", "readonly", "strided", "subclass", "masked", "list", "tuple")
 
 
-class TaggedArray(np.ndarray):  # type: ignore[type-arg]
+class TaggedArray(np.ndarray):
     """An ndarray subclass (as a framework's tensor type might be)."""
 
 
@@ -187,15 +187,15 @@ class Explodes(Exception):
 
 
 class BadArray:
-    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:  # type: ignore[type-arg]
+    def __array__(self, dtype: object = None, copy: object = None) -> Any:
         raise Explodes("__array__")
 
 
-class BadLenArray(np.ndarray):  # type: ignore[type-arg]
+class BadLenArray(np.ndarray):
     def __len__(self) -> int:
         raise Explodes("__len__")
 
-    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:  # type: ignore[type-arg]
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
         raise Explodes("__array__")
 
 
@@ -207,9 +207,9 @@ class BadLenArray(np.ndarray):  # type: ignore[type-arg]
         (np.array([1, 1000], ">i4"), "value 1000, must be < 1000"),
         (np.array([999, 3], ">i4"), None),  # byte-swapped this would be huge: must pass
         (np.array([2**63 + 5], np.uint64), "beyond any vocabulary"),
-        (np.ma.masked_array([1, 2, 3], mask=[0, 1, 0]), "masked values"),
-        (np.ma.masked_array([1, 2], mask=[1, 1]), "masked values"),
-        (np.ma.masked_array([1, 2], mask=[0, 0]), None),
+        (np.ma.masked_array([1, 2, 3], mask=[False, True, False]), "masked values"),
+        (np.ma.masked_array([1, 2], mask=[True, True]), "masked values"),
+        (np.ma.masked_array([1, 2], mask=[False, False]), None),
         (np.array([4, 2]).view(BadLenArray), None),  # read as stored, its methods never run
     ],
 )
