@@ -469,6 +469,10 @@ class PackRunner:
     def _withdraw_if_cancelled(self, request: _Request, future: _AnyFuture) -> None:
         if future.cancelled():
             self._withdraw(request)
+            if isinstance(future, concurrent.futures.Future):
+                # A cancelled concurrent future is "done" only for result(); wait() and
+                # as_completed() see it once notified, as an executor would.
+                future.set_running_or_notify_cancel()
 
     def stats(self) -> RunnerStats:
         """A consistent snapshot of the runner's counters."""

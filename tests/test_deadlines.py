@@ -129,3 +129,18 @@ def test_every_request_resolves_once_with_its_result_or_a_timeout(
     assert resolutions == [1] * len(samples)
     assert stats.completed + stats.withdrawn + stats.discarded == len(samples)
     assert stats.failed == 0
+
+
+def test_a_cancelled_submit_future_is_seen_done_by_wait() -> None:
+    """concurrent.futures.wait / as_completed see a cancelled future at once."""
+    import concurrent.futures
+
+    device = GatedDevice(**SMALL)
+    with gated_runner(device) as runner:
+        blocker = block_device(runner, device)
+        future = runner.submit({"input_ids": [2]})
+        assert future.cancel()
+        done, _ = concurrent.futures.wait([future], timeout=30)
+        assert future in done
+        device.gate.set()
+        blocker.result(10)
