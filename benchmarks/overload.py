@@ -10,9 +10,12 @@ Three phases on one SimulatedDevice-backed runner (seed length distribution):
 3. **recovery**: once every accepted request has resolved, capacity is measured again; the
    ratio to phase 1 says whether the runner came back to full throughput.
 
-RSS (resident memory, from /proc) is printed before and after. Not a test: nothing is asserted.
+Phases 2 and 3 repeat ``--rounds`` times; RSS (resident memory, from /proc) is printed before
+and after each round, so retained memory (flat after round 1) shows apart from a leak (growing
+every round). Not a test: nothing is asserted.
 
-    python -m benchmarks.overload [--duration 60] [--factor 10] [--batch-latency-us 50000]
+    python -m benchmarks.overload [--duration 60] [--rounds 2] [--factor 10]
+        [--batch-latency-us 50000] [--request-timeout S]
 
 The default device is slower than the seed's IPU (50 ms per [16, 256] batch) so that a Python
 load generator can offer 10x its capacity on a small machine.
@@ -134,15 +137,21 @@ async def run(args: argparse.Namespace) -> None:
         rss_before = rss_mib()
         print(f"1. capacity: {before:,.0f} samples/s; RSS {rss_before:.1f} MiB")
         rate = args.factor * before
-        print(f"2. overload: {args.factor:g}x = {rate:,.0f} samples/s for {args.duration:g} s")
-        await overload(runner, samples, rate, args.duration, args.request_timeout)
-        after = await capacity(runner, samples, args.measure)
-        rss_after = rss_mib()
-        print(
-            f"3. recovery: {after:,.0f} samples/s = {after / before:.2f}x the capacity before; "
-            f"RSS {rss_after:.1f} MiB ({rss_after - rss_before:+.1f} MiB); "
-            f"health {runner.health().state.value}"
-        )
+        # Several rounds tell retained memory (allocator high-water marks, flat after the first
+        # round) from a leak (growing every round).
+        for round_number in range(1, args.rounds + 1):
+            print(
+                f"2. overload round {round_number}: {args.factor:g}x = {rate:,.0f} samples/s "
+                f"for {args.duration:g} s"
+            )
+            await overload(runner, samples, rate, args.duration, args.request_timeout)
+            after = await capacity(runner, samples, args.measure)
+            rss_after = rss_mib()
+            print(
+                f"3. recovery: {after:,.0f} samples/s = {after / before:.2f}x the capacity "
+                f"before; RSS {rss_after:.1f} MiB ({rss_after - rss_before:+.1f} MiB); "
+                f"health {runner.health().state.value}"
+            )
 
 
 def main() -> int:
@@ -150,6 +159,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="overload seconds")
     parser.add_argument("--factor", type=float, default=10.0, help="offered load / capacity")
     parser.add_argument("--measure", type=float, default=5.0, help="capacity phase seconds")
+    parser.add_argument("--rounds", type=int, default=2, help="overload + recovery rounds")
     parser.add_argument("--batch-latency-us", type=int, default=50_000)
     parser.add_argument("--max-queue-size", type=int, default=1024)
     parser.add_argument(

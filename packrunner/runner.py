@@ -31,6 +31,7 @@ import heapq
 import itertools
 import logging
 import math
+import numbers
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -516,8 +517,10 @@ class PackRunner:
         timeout: float | None,
     ) -> _Request:
         """The one submit path: validate (into our own copy) on the caller's thread, enqueue."""
-        if timeout is not None and not (isinstance(timeout, int | float) and timeout == timeout):
-            raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+        if timeout is not None:
+            if not isinstance(timeout, numbers.Real) or math.isnan(timeout):
+                raise TypeError(f"timeout must be seconds or None, got {timeout!r}")
+            timeout = float(timeout)
         try:
             prepared = self._feeder.prepare(sample)
         except PackRunnerError:
