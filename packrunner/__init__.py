@@ -24,6 +24,7 @@ from packrunner.errors import (
     ConfigError,
     ConversionError,
     DeviceError,
+    DeviceTimeoutError,
     InvalidSampleError,
     ModelFormatError,
     OverloadedError,
@@ -32,6 +33,7 @@ from packrunner.errors import (
     RunnerClosedError,
     RunnerNotStartedError,
 )
+from packrunner.health import Health, HealthState
 from packrunner.packing import PackPlan, build_feeds, plan_batch, unpack_outputs
 from packrunner.runner import PackRunner, Result
 from packrunner.stats import RunnerStats
@@ -41,6 +43,9 @@ __all__ = [
     "ConversionError",
     "Device",
     "DeviceError",
+    "DeviceTimeoutError",
+    "Health",
+    "HealthState",
     "InputForm",
     "InvalidSampleError",
     "ModelFormatError",

@@ -19,14 +19,16 @@ import numpy.typing as npt
 
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
-from packrunner.errors import ConfigError, InvalidSampleError
-from packrunner.packing import PackPlan, build_feeds
+from packrunner.errors import ConfigError, DeviceError, InvalidSampleError, short_repr
+from packrunner.packing import PackPlan, build_feeds, unpack_outputs
 
 __all__ = ["BatchFeeder", "PreparedSample", "SampleSchema"]
 
 Int32Array = npt.NDArray[np.int32]
-_INT32_MAX = np.iinfo(np.int32).max
-_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+Int64Array = npt.NDArray[np.int64]
+_INT32_MAX = int(np.iinfo(np.int32).max)
+_INT64_MAX = int(np.iinfo(np.int64).max)
+_NAMES_SHOWN = 5  # unknown input names listed in an error message
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,24 +71,40 @@ class SampleSchema:
         object.__setattr__(self, "known_inputs", frozenset(known))
 
     def prepare(self, sample: object) -> PreparedSample:
-        """Validate ``sample`` and return it as int32 arrays.
+        """Validate ``sample`` and return private int32 copies of its arrays.
+
+        Every array is first copied into native-endian integers (so later changes to the
+        caller's array cannot reach the runner, and the checks see exactly the values that
+        will be sent), then checked.
 
         Raises:
-            InvalidSampleError: With a message naming the input and what is wrong with it.
+            InvalidSampleError: With a message naming the input and what is wrong with it; any
+                exception raised while reading the sample is chained as its ``__cause__``.
         """
+        try:
+            return self._prepare(sample)
+        except InvalidSampleError:
+            raise
+        except Exception as exc:  # a sample whose mapping, __array__, __len__... raises
+            raise InvalidSampleError(
+                f"the sample could not be read: {type(exc).__name__}: {short_repr(exc)}"
+            ) from exc
+
+    def _prepare(self, sample: object) -> PreparedSample:
         # The dict check first: it is the common case and much cheaper than the ABC check.
         if not isinstance(sample, dict) and not isinstance(sample, Mapping):
             raise InvalidSampleError(
                 f"a sample must be a mapping of input name to 1-D integer array, "
-                f"got {type(sample).__name__}"
+                f"got {_type_name(sample)}"
             )
         known = self.known_inputs
         unknown = [name for name in sample if name not in known]
         if unknown:
+            shown = ", ".join(short_repr(name) for name in unknown[:_NAMES_SHOWN])
+            more = f" and {len(unknown) - _NAMES_SHOWN} more" if len(unknown) > _NAMES_SHOWN else ""
             raise InvalidSampleError(
-                f"unknown input name(s) {sorted(map(str, unknown))}; "
-                f"this runner accepts {sorted(known)}",
-                input_name=str(unknown[0]),
+                f"unknown input name(s) {shown}{more}; this runner accepts {sorted(known)}",
+                input_name=short_repr(unknown[0]),
             )
         if self.dynamic_input not in sample:
             raise InvalidSampleError(
@@ -132,23 +150,37 @@ class SampleSchema:
                 )
         return PreparedSample(length, tokens, positions)
 
-    def _as_ids(self, name: str, value: object, length: int | None = None) -> Int32Array:
+    def _as_ids(self, name: str, value: object, length: int | None = None) -> Int64Array:
+        """The runner's own native int64 copy of one input (checked for kind and shape only)."""
+        if isinstance(value, np.ma.MaskedArray):
+            # Masked entries have no value to send; filling them with an arbitrary one would
+            # send data the caller hid. Unmasked arrays are read as their plain values.
+            if bool(np.ma.getmaskarray(value).any()):
+                raise InvalidSampleError(
+                    f"input {name!r} is a masked array with masked values; send only valid "
+                    "tokens (or fill them, e.g. numpy.ma.filled, before submitting)",
+                    input_name=name,
+                )
+            value = np.ma.getdata(value)
         if isinstance(value, np.ndarray):
-            array = value
+            # The plain ndarray over the same memory: a subclass's own methods (__len__,
+            # __getitem__, __array__...) never run; its values are read as they are stored.
+            array: npt.NDArray[Any] = np.ndarray.view(value, np.ndarray)
         elif isinstance(value, list | tuple):
             try:
                 array = np.asarray(value)
             except (ValueError, TypeError) as exc:
                 raise InvalidSampleError(
-                    f"input {name!r} is not a 1-D integer array: {exc}", input_name=name
-                ) from None
+                    f"input {name!r} is not a 1-D integer array: {short_repr(exc)}",
+                    input_name=name,
+                ) from exc
         else:
             raise InvalidSampleError(
-                f"input {name!r} must be a numpy array or a list of ints, "
-                f"got {type(value).__name__}",
+                f"input {name!r} must be a numpy array or a list of ints, got {_type_name(value)}",
                 input_name=name,
             )
-        if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+        kind = array.dtype.kind
+        if kind not in "iu" and not (array.size == 0 and kind == "f"):
             raise InvalidSampleError(
                 f"input {name!r} must have an integer dtype, got {array.dtype}", input_name=name
             )
@@ -162,24 +194,30 @@ class SampleSchema:
                 f"input {name!r} has length {len(array)} but {self.dynamic_input!r} has {length}",
                 input_name=name,
             )
-        return array
-
-    def _check_values(self, name: str, array: npt.NDArray[np.generic]) -> Int32Array:
-        limit = self.value_limits.get(name, _INT32_MAX + 1)
-        # One reduction instead of min() and max(): seen as unsigned, negative values become
-        # huge, so "every value in [0, limit)" is "the unsigned maximum is below limit".
-        unsigned = array.view(_UNSIGNED[array.dtype.itemsize])
-        if int(unsigned.max()) >= limit:
-            low = int(array.min())
-            if low < 0:
+        if kind == "u" and array.dtype.itemsize == 8 and array.size:
+            # The one integer dtype int64 cannot hold exactly: refuse its huge values first.
+            high = int(array.max())
+            if high > _INT64_MAX:
                 raise InvalidSampleError(
-                    f"input {name!r} has a negative value ({low})", input_name=name
+                    f"input {name!r} has value {high}, beyond any vocabulary", input_name=name
                 )
+        # One copy, native byte order, exact for every integer dtype left: the caller can no
+        # longer change what is checked and sent.
+        return np.array(array, dtype=np.int64, order="C", copy=True)
+
+    def _check_values(self, name: str, values: Int64Array) -> Int32Array:
+        """Range-check the runner's own copy; return it as the int32 that will be sent."""
+        limit = self.value_limits.get(name, _INT32_MAX + 1)
+        low, high = int(values.min()), int(values.max())
+        if low < 0:
             raise InvalidSampleError(
-                f"input {name!r} has value {int(array.max())}, must be < {limit}",
-                input_name=name,
+                f"input {name!r} has a negative value ({low})", input_name=name
             )
-        return np.ascontiguousarray(array, dtype=np.int32)
+        if high >= limit:
+            raise InvalidSampleError(
+                f"input {name!r} has value {high}, must be < {limit}", input_name=name
+            )
+        return values.astype(np.int32)  # exact: every value is in [0, limit <= 2**31)
 
 
 @dataclass(slots=True)
@@ -253,6 +291,66 @@ class BatchFeeder:
         for name, dtype in io.casts.items():
             feeds[name] = feeds[name].astype(dtype)
         return feeds
+
+    def results(self, plan: PackPlan, outputs: object) -> list[dict[str, npt.NDArray[Any]]]:
+        """Check one batch's device outputs against the output specs, then cut them per sample.
+
+        Every declared output must be present, a numeric numpy array, and of exactly the shape
+        its layout implies for this config (a transposed or extra-dimensional output would
+        otherwise be cut up and delivered as results).
+
+        Raises:
+            DeviceError: Naming the output, its shape and the expected one.
+        """
+        if not isinstance(outputs, Mapping):
+            raise DeviceError(
+                f"device returned {_type_name(outputs)}, not a mapping of output name to array"
+            )
+        for name, spec in self._io.outputs.items():
+            if name not in outputs:
+                returned = ", ".join(short_repr(key) for key in list(outputs)[:_NAMES_SHOWN])
+                raise DeviceError(f"device returned no output {name!r} (it returned {returned})")
+            array = outputs[name]
+            if not isinstance(array, np.ndarray):
+                raise DeviceError(
+                    f"device output {name!r} is a {_type_name(array)}, not a numpy array"
+                )
+            if array.dtype.kind not in "biufc":
+                raise DeviceError(f"device output {name!r} has dtype {array.dtype}, not numbers")
+            expected = self._expected_shape(spec)
+            fits = len(array.shape) == len(expected) and all(
+                want is None or got == want for got, want in zip(array.shape, expected, strict=True)
+            )
+            if fits and spec.layout is OutputLayout.SEGMENTS and plan.num_samples:
+                # Any segment count will do as long as this batch's segment ids index into it.
+                fits = array.shape[1] >= int(plan.segment_ids.max())
+            if not fits:
+                shown = tuple("?" if d is None else d for d in expected)
+                raise DeviceError(
+                    f"device output {name!r} has shape {array.shape}, expected "
+                    f"{shown} ({spec.layout.value} layout)"
+                )
+        return unpack_outputs(plan, outputs, self._io.outputs, seq_len=self.config.seq_len)
+
+    def _expected_shape(self, spec: OutputSpec) -> tuple[int | None, ...]:
+        config = self.config
+        rows, slots, tokens = config.batch_size, config.max_valid_num, config.seq_len
+        lead: tuple[int | None, ...]
+        if spec.layout is OutputLayout.PACKED_TOKENS:
+            lead = (rows, tokens)
+        elif spec.layout is OutputLayout.SAMPLE_TOKENS:
+            lead = (slots, tokens)
+        elif spec.layout is OutputLayout.SEGMENTS:
+            lead = (rows, None)
+        elif spec.layout is OutputLayout.SAMPLES:
+            lead = (slots,)
+        else:
+            lead = (rows,)
+        return (*lead, *(None if d < 0 else d for d in spec.trailing_shape))
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__[:60]
 
 
 def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _DeviceIO:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from packrunner.errors import ConfigError
@@ -138,6 +139,13 @@ class RunnerConfig:
         mask_input_name: The segment-id attention mask input of the device.
         vocab_size: When known, ids must be ``< vocab_size`` (checked at submit).
         type_vocab_size: ``token_type_ids`` must be in ``[0, type_vocab_size)``.
+        device_timeout_s: Watchdog: a batch running longer than this on a device fails with
+            :class:`~packrunner.DeviceTimeoutError`, its worker thread is abandoned and a fresh
+            device is opened if the device can make one (:meth:`~packrunner.Device.replica`).
+            Also bounds how long ``close()`` waits for a device. None disables the watchdog.
+        check_finite: Fail, with :class:`~packrunner.DeviceError`, the samples whose outputs
+            hold NaN or Inf (the rest of their batch is delivered). Costs one pass over the
+            outputs per sample.
     """
 
     batch_size: int = 16
@@ -152,6 +160,8 @@ class RunnerConfig:
     mask_input_name: str = "attention_mask"
     vocab_size: int | None = None
     type_vocab_size: int = 2
+    device_timeout_s: float | None = 60.0
+    check_finite: bool = False
     token_type_input_name: str = field(default="token_type_ids")
     position_input_name: str = field(default="position_ids")
     unpack_info_input_name: str = field(default="unpack_info")
@@ -178,6 +188,17 @@ class RunnerConfig:
         if self.vocab_size is not None:
             _require_int("vocab_size", self.vocab_size, minimum=1)
         _require_int("type_vocab_size", self.type_vocab_size, minimum=1)
+        timeout = self.device_timeout_s
+        if timeout is not None and (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 < timeout < math.inf
+        ):
+            raise ConfigError(
+                f"device_timeout_s must be a positive finite number or None, got {timeout!r}"
+            )
+        if not isinstance(self.check_finite, bool):
+            raise ConfigError(f"check_finite must be a bool, got {self.check_finite!r}")
         names = {
             "dynamic_input_name": self.dynamic_input_name,
             "mask_input_name": self.mask_input_name,

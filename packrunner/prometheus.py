@@ -85,6 +85,17 @@ class RunnerCollector(Collector):
         batches.add_metric([*values, "drain"], other)
         yield batches
         yield counter("batches_failed", "Batches whose device run failed.", stats.batches_failed)
+        yield counter("discarded", "Samples whose deadline passed after packing.", stats.discarded)
+        yield counter("nonfinite_samples", "Samples failed for NaN/Inf outputs.", stats.nonfinite)
+        yield counter(
+            "device_timeouts", "Batches failed by the device watchdog.", stats.device_timeouts
+        )
+        yield counter(
+            "devices_replaced", "Hung devices replaced by a fresh one.", stats.devices_replaced
+        )
+        health = self._runner.health()
+        yield gauge("live", "1 while the runner can serve.", float(health.live))
+        yield gauge("ready", "1 while the runner should receive traffic.", float(health.ready))
         yield counter("samples", "Samples dispatched in batches.", stats.samples)
         yield counter("tokens", "Valid tokens dispatched in batches.", stats.tokens)
         yield counter("device_busy_seconds", "Time spent inside Device.run.", stats.device_busy_s)

@@ -2,12 +2,18 @@
 
 Ownership model (the invariant the rest of the code relies on):
 
-* **Caller threads** (any number, any event loop) only validate their sample and append it to the
-  pending queue under ``_lock``. ``execute`` and ``execute_async`` share this one submit path.
+* **Caller threads** (any number, any event loop) only validate their sample (into the runner's
+  own copy) and append it to the pending queue under ``_lock``. ``execute``, ``execute_async``
+  and ``submit`` share this one submit path.
 * **The engine thread** runs the runner's own private event loop (uvloop when installed). The
-  batching coroutine is the only code that plans, packs and unpacks batches and that resolves
-  futures; it sleeps on an event until an arrival, a deadline or a finished batch needs it.
+  batching coroutine is the only code that plans, packs and unpacks batches, expires deadlines
+  and resolves futures; it sleeps on an event until an arrival, a deadline or a finished batch
+  needs it. Device watchdogs are timers on the same loop (see :mod:`packrunner._workers`).
 * **One worker thread per device** owns that device: it alone calls ``open``/``run``/``close``.
+
+Every accepted request is *settled* exactly once, under ``_lock``: completed, failed, withdrawn
+(cancelled or past its deadline before packing) or discarded (past its deadline after packing).
+Only the code that settles a request resolves its future.
 
 Why a private loop rather than the caller's: the batcher's deadlines stay precise whatever the
 caller's loop is doing (a caller that blocks its own loop cannot stall everybody's batches), the
@@ -21,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import heapq
 import itertools
 import logging
-import queue
+import math
+import numbers
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -37,18 +45,22 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner._codec import BatchFeeder, PreparedSample
+from packrunner._workers import Batch, WorkerPool
 from packrunner.config import RunnerConfig
 from packrunner.devices.base import Device
 from packrunner.errors import (
     ConfigError,
     DeviceError,
+    DeviceTimeoutError,
     OverloadedError,
     PackRunnerError,
     RequestTimeoutError,
     RunnerClosedError,
     RunnerNotStartedError,
+    short_repr,
 )
-from packrunner.packing import PackPlan, plan_batch, unpack_outputs
+from packrunner.health import Health, HealthState
+from packrunner.packing import PackPlan, plan_batch
 from packrunner.stats import RunnerStats
 
 __all__ = ["LATENCY_BUCKETS_S", "PackRunner", "Result"]
@@ -64,6 +76,8 @@ logger = logging.getLogger("packrunner")
 #: One sample's outputs: output name -> array whose first dim is the sample's length.
 Result = dict[str, npt.NDArray[Any]]
 Sample = Mapping[str, Any]
+#: What a request ends with: its result, or the exception its future is failed with.
+_Outcome = Result | BaseException
 
 _AnyFuture = concurrent.futures.Future[Result] | asyncio.Future[Result]
 
@@ -91,15 +105,8 @@ class _Request:
     arrival: float
     future: _AnyFuture
     loop: asyncio.AbstractEventLoop | None  # the caller's loop for async requests
-
-
-@dataclass(slots=True, eq=False)
-class _Batch:
-    requests: list[_Request]
-    plan: PackPlan
-    feeds: dict[str, npt.NDArray[Any]]
-    reason: str  # "full" | "timeout" | "drain"
-    packed_at: float = 0.0  # monotonic time the batch was formed
+    timeout: float | None = None
+    settled: bool = False  # guarded by _lock: its outcome is decided (see the module doc)
 
 
 @dataclass(slots=True)
@@ -108,12 +115,16 @@ class _Counters:
     rejected_invalid: int = 0
     rejected_overloaded: int = 0
     withdrawn: int = 0
+    discarded: int = 0
     completed: int = 0
     failed: int = 0
+    nonfinite: int = 0
     batches: int = 0
     batches_full: int = 0
     batches_timeout: int = 0
     batches_failed: int = 0
+    device_timeouts: int = 0
+    devices_replaced: int = 0
     samples: int = 0
     tokens: int = 0
     device_busy_s: float = 0.0
@@ -168,16 +179,20 @@ class PackRunner:
         self._state = _State.CREATED
         self._pending: OrderedDict[int, _Request] = OrderedDict()
         self._pending_tokens = 0
+        # Deadlines of accepted requests, earliest first; settled ones are skipped when popped.
+        self._deadlines: list[tuple[float, int, _Request]] = []
         self._inflight = 0
         self._wait = _Wait.BUSY
+        self._wake_at = -math.inf  # when the sleeping batcher wakes anyway (-inf: it is awake)
         self._ids = itertools.count()
         self._counters = _Counters()
+        self._warmed_up = False
+        self._degraded: str | None = None  # why the last batch failed, until one succeeds
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._engine_thread: threading.Thread | None = None
-        self._workers: list[threading.Thread] = []
-        self._work: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._pool = WorkerPool(self._lock, self._config.device_timeout_s)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -205,24 +220,12 @@ class PackRunner:
                 return self
             if self._state is not _State.CREATED:
                 raise RunnerClosedError("a closed PackRunner cannot be restarted; create a new one")
-        opened: list[concurrent.futures.Future[None]] = []
-        for number, device in enumerate(self._devices):
-            ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-            worker = threading.Thread(
-                target=self._worker_main,
-                args=(device, ready),
-                name=f"packrunner-device-{number}",
-                daemon=True,
-            )
-            worker.start()
-            self._workers.append(worker)
-            opened.append(ready)
-        failures = [f.exception() for f in opened if f.exception() is not None]
-        if failures:
-            self._stop_workers()
+        failure = self._pool.open(self._devices)
+        if failure is not None:
+            self._pool.stop()
             with self._lock:
                 self._state = _State.CLOSED
-            raise DeviceError(f"device failed to open: {failures[0]!r}") from failures[0]
+            raise DeviceError(f"device failed to open: {failure!r}") from failure
 
         loop_ready = threading.Event()
         self._engine_thread = threading.Thread(
@@ -235,7 +238,12 @@ class PackRunner:
         return self
 
     def close(self, *, drain: bool = True) -> None:
-        """Stop accepting samples and shut down; no future is left pending, no thread running.
+        """Stop accepting samples and shut down; no future is left pending.
+
+        Returns once every accepted request is resolved and the engine and device threads are
+        joined. A device stuck in ``run`` is waited for at most ``device_timeout_s`` (its batch
+        then fails with :class:`~packrunner.DeviceTimeoutError` and its thread is abandoned);
+        with ``device_timeout_s=None`` a hung device blocks ``close`` for ever.
 
         Args:
             drain: True runs every accepted sample (batches are dispatched at once, without
@@ -262,13 +270,11 @@ class PackRunner:
             if state is _State.RUNNING:
                 self._state = _State.CLOSING
                 if not drain:
-                    abandoned = list(self._pending.values())
-                    self._pending.clear()
-                    self._pending_tokens = 0
+                    abandoned = self._take_pending_locked()
                     self._counters.failed += len(abandoned)
         if abandoned:
-            error = RunnerClosedError("the runner was closed before this sample was packed")
-            _deliver_errors(abandoned, error)
+            message = "the runner was closed before this sample was packed"
+            _deliver([(r, RunnerClosedError(message)) for r in abandoned])
         if state is _State.RUNNING:
             self._wake_threadsafe()
 
@@ -299,6 +305,86 @@ class PackRunner:
     ) -> None:
         await self.aclose()
 
+    # -------------------------------------------------------------------------------- health
+
+    def health(self) -> Health:
+        """Liveness, readiness and the reason, for a service's health endpoints.
+
+        Ready means running, warmed up (:meth:`warmup`) and not degraded; see
+        :mod:`packrunner.health`.
+        """
+        with self._lock:
+            state, degraded, warmed = self._state, self._degraded, self._warmed_up
+            lost = self._pool.lost
+        if state is _State.CREATED:
+            return Health(HealthState.STARTING, True, False, "not started")
+        if state is _State.CLOSING:
+            return Health(HealthState.CLOSING, True, False, "closing")
+        if state is _State.CLOSED:
+            return Health(HealthState.CLOSED, False, False, "closed")
+        if lost is not None:
+            return Health(HealthState.DEGRADED, False, False, lost)
+        if degraded is not None:
+            return Health(HealthState.DEGRADED, True, False, degraded)
+        if not warmed:
+            return Health(HealthState.WARMING, True, False, "warm-up has not completed")
+        return Health(HealthState.READY, True, True, None)
+
+    def warmup(self, timeout: float | None = None) -> None:
+        """Run one full batch of synthetic valid samples through the real path; then ready.
+
+        The batch is packed and dispatched as one (whatever else is queued), run on a device
+        under the watchdog, checked and unpacked like any other. Call it again to probe a
+        degraded runner: a successful batch clears the degraded state.
+
+        Args:
+            timeout: Deadline in seconds for the whole batch, as for :meth:`submit`.
+
+        Raises:
+            DeviceError, RequestTimeoutError, RunnerClosedError, ...: The warm-up batch failed;
+                the runner does not report ready.
+        """
+        for future in self._dispatch_warmup(timeout):
+            future.result()
+        with self._lock:
+            self._warmed_up = True
+
+    async def warmup_async(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Async form of :meth:`warmup`."""
+        futures = self._dispatch_warmup(timeout)
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        with self._lock:
+            self._warmed_up = True
+
+    def _dispatch_warmup(self, timeout: float | None) -> list[concurrent.futures.Future[Result]]:
+        config = self._config
+        count = min(config.batch_size, config.samples_cap)
+        # Zeros are valid for every input (limits are >= 1); seq_len tokens each fill the batch.
+        sample = {config.dynamic_input_name: np.zeros(config.seq_len, dtype=np.int32)}
+        prepared = [self._feeder.prepare(sample) for _ in range(count)]
+        plan = plan_batch(
+            [p.length for p in prepared],
+            algorithm=config.algorithm,
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            max_valid_num=config.max_valid_num,
+            lookahead=config.lookahead,
+        )
+        futures: list[concurrent.futures.Future[Result]] = []
+        with self._lock:
+            self._require_running_locked()
+            now = time.monotonic()
+            requests = []
+            for item in prepared:
+                future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+                requests.append(self._new_request_locked(item, future, None, timeout, now))
+                futures.append(future)
+            batch_requests = [requests[i] for i in plan.chosen]
+            self._count_batch_locked(plan, "full")
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._dispatch, batch_requests, plan, "full")
+        return futures
+
     # ------------------------------------------------------------------------------ requests
 
     def execute(self, sample: Sample, timeout: float | None = None) -> Result:
@@ -307,8 +393,8 @@ class PackRunner:
         Args:
             sample: Input name -> 1-D integer array of the sample's length (``input_ids``
                 required; ``token_type_ids`` defaults to zeros, ``position_ids`` to 0..L-1; a
-                1-D ``attention_mask`` of ones may be given).
-            timeout: Seconds to wait; None waits for ever.
+                1-D ``attention_mask`` of ones may be given). The runner copies it.
+            timeout: Deadline in seconds from now; None waits for ever (see :meth:`submit`).
 
         Returns:
             Output name -> array of the sample's own length (e.g. ``start_logits``).
@@ -317,8 +403,9 @@ class PackRunner:
             InvalidSampleError: The sample is malformed (raised before it is queued).
             OverloadedError: The queue is full.
             RunnerNotStartedError / RunnerClosedError: The runner is not running.
-            RequestTimeoutError: ``timeout`` expired; the sample is withdrawn if not yet packed.
-            DeviceError: The device failed on this sample's batch.
+            RequestTimeoutError: The deadline passed; the sample was withdrawn if not yet
+                packed, else its result discarded (the message says which).
+            DeviceError: The device failed on this sample's batch (or no device is left).
         """
         if threading.current_thread() is self._engine_thread:
             raise RuntimeError(
@@ -326,38 +413,40 @@ class PackRunner:
                 "would wait for itself; use submit() there"
             )
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
-        request = self._submit(sample, future, None)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if future.done() and not future.cancelled():
-                return future.result()
-            withdrawn = self._withdraw(request)
-            future.cancel()
-            state = "before it was packed" if withdrawn else "after it was packed"
-            raise RequestTimeoutError(
-                f"no result within {timeout} s; the sample was withdrawn {state}"
-            ) from None
+        self._submit(sample, future, None, timeout)
+        # The engine resolves every accepted request, at its deadline at the latest.
+        return future.result()
 
-    def submit(self, sample: Sample) -> concurrent.futures.Future[Result]:
+    def submit(
+        self, sample: Sample, *, timeout: float | None = None
+    ) -> concurrent.futures.Future[Result]:
         """Submit one sample from any thread without blocking; return a concurrent future.
 
         For callers that are neither blocking nor on an event loop (callbacks, adapters such
-        as :mod:`packrunner.compat`). The sample is validated and queued before this returns;
-        the future resolves on the runner's engine thread, so callbacks added with
+        as :mod:`packrunner.compat`). The sample is validated and copied and queued before this
+        returns; the future resolves on the runner's engine thread, so callbacks added with
         ``add_done_callback`` run there and must be quick. Cancelling the future withdraws the
         sample if it has not been packed yet.
+
+        Args:
+            sample: As :meth:`execute`.
+            timeout: Deadline in seconds from now. If it passes before the sample is packed,
+                the sample is withdrawn (it takes no slot); after packing, its result is
+                discarded. Either way the future fails with
+                :class:`~packrunner.RequestTimeoutError`. None: no deadline.
 
         Raises:
             InvalidSampleError, OverloadedError, RunnerNotStartedError, RunnerClosedError: As
                 :meth:`execute`, at once.
         """
         future: concurrent.futures.Future[Result] = concurrent.futures.Future()
-        request = self._submit(sample, future, None)
+        request = self._submit(sample, future, None, timeout)
         future.add_done_callback(partial(self._withdraw_if_cancelled, request))
         return future
 
-    def execute_async(self, sample: Sample) -> asyncio.Future[Result]:
+    def execute_async(
+        self, sample: Sample, *, timeout: float | None = None
+    ) -> asyncio.Future[Result]:
         """Submit one sample now; return a future of its outputs on the calling event loop.
 
         ``await runner.execute_async(sample)`` is the usual form. The sample is validated and
@@ -366,21 +455,25 @@ class PackRunner:
         awaits futures directly), which is most of the per-request cost on the caller's side.
 
         Cancelling the future (or a task awaiting it) withdraws the sample if it has not been
-        packed yet, so it takes no slot in a batch. See :meth:`execute` for arguments, result
-        and errors.
+        packed yet, so it takes no slot in a batch. ``timeout`` is a deadline as in
+        :meth:`submit`. See :meth:`execute` for arguments, result and errors.
 
         Raises:
             RuntimeError: Called outside a running event loop.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        request = self._submit(sample, future, loop)
+        request = self._submit(sample, future, loop, timeout)
         future.add_done_callback(partial(self._withdraw_if_cancelled, request))
         return future
 
     def _withdraw_if_cancelled(self, request: _Request, future: _AnyFuture) -> None:
         if future.cancelled():
             self._withdraw(request)
+            if isinstance(future, concurrent.futures.Future):
+                # A cancelled concurrent future is "done" only for result(); wait() and
+                # as_completed() see it once notified, as an executor would.
+                future.set_running_or_notify_cancel()
 
     def stats(self) -> RunnerStats:
         """A consistent snapshot of the runner's counters."""
@@ -410,12 +503,24 @@ class PackRunner:
                 queue_wait_sum_s=c.queue_wait_sum_s,
                 latency_bucket_bounds_s=LATENCY_BUCKETS_S,
                 latency_bucket_counts=tuple(int(n) for n in c.latency_counts),
+                discarded=c.discarded,
+                nonfinite=c.nonfinite,
+                device_timeouts=c.device_timeouts,
+                devices_replaced=c.devices_replaced,
             )
 
     def _submit(
-        self, sample: Sample, future: _AnyFuture, loop: asyncio.AbstractEventLoop | None
+        self,
+        sample: Sample,
+        future: _AnyFuture,
+        loop: asyncio.AbstractEventLoop | None,
+        timeout: float | None,
     ) -> _Request:
-        """The one submit path: validate on the caller's thread, then enqueue."""
+        """The one submit path: validate (into our own copy) on the caller's thread, enqueue."""
+        if timeout is not None:
+            if not isinstance(timeout, numbers.Real) or math.isnan(timeout):
+                raise TypeError(f"timeout must be seconds or None, got {timeout!r}")
+            timeout = float(timeout)
         try:
             prepared = self._feeder.prepare(sample)
         except PackRunnerError:
@@ -424,29 +529,52 @@ class PackRunner:
             raise
         wake = False
         with self._lock:
-            if self._state is not _State.RUNNING:
-                if self._state is _State.CREATED:
-                    raise RunnerNotStartedError(
-                        "call start() or enter the runner's context manager first"
-                    )
-                raise RunnerClosedError("the runner is closed")
+            self._require_running_locked()
             if len(self._pending) >= self._config.max_queue_size:
                 self._counters.rejected_overloaded += 1
                 raise OverloadedError(
                     f"queue full: {len(self._pending)} samples waiting "
                     f"(max_queue_size={self._config.max_queue_size})"
                 )
-            request = _Request(next(self._ids), prepared, time.monotonic(), future, loop)
+            request = self._new_request_locked(prepared, future, loop, timeout, time.monotonic())
             self._pending[request.id] = request
             self._pending_tokens += prepared.length
-            self._counters.requests += 1
-            if self._wait is _Wait.ARRIVAL or (
-                self._wait is _Wait.FILL and self._may_be_full_locked()
+            # Wake the batcher when this arrival may complete a batch, or when its deadline
+            # comes before the batcher's planned wake-up.
+            if (
+                self._wait is _Wait.ARRIVAL
+                or (self._wait is _Wait.FILL and self._may_be_full_locked())
+                or (timeout is not None and request.arrival + timeout < self._wake_at)
             ):
                 self._wait = _Wait.BUSY
+                self._wake_at = -math.inf
                 wake = True
         if wake:
             self._wake_threadsafe()
+        return request
+
+    def _require_running_locked(self) -> None:
+        if self._state is not _State.RUNNING:
+            if self._state is _State.CREATED:
+                raise RunnerNotStartedError(
+                    "call start() or enter the runner's context manager first"
+                )
+            raise RunnerClosedError("the runner is closed")
+        if self._pool.lost is not None:
+            raise DeviceError(self._pool.lost)
+
+    def _new_request_locked(
+        self,
+        prepared: PreparedSample,
+        future: _AnyFuture,
+        loop: asyncio.AbstractEventLoop | None,
+        timeout: float | None,
+        now: float,
+    ) -> _Request:
+        request = _Request(next(self._ids), prepared, now, future, loop, timeout)
+        if timeout is not None:
+            heapq.heappush(self._deadlines, (now + timeout, request.id, request))
+        self._counters.requests += 1
         return request
 
     def _withdraw(self, request: _Request) -> bool:
@@ -455,8 +583,37 @@ class PackRunner:
             if self._pending.pop(request.id, None) is None:
                 return False
             self._pending_tokens -= request.sample.length
+            request.settled = True
             self._counters.withdrawn += 1
             return True
+
+    def _take_pending_locked(self) -> list[_Request]:
+        taken = list(self._pending.values())
+        self._pending.clear()
+        self._pending_tokens = 0
+        for request in taken:
+            request.settled = True
+        return taken
+
+    def _expire_locked(self, now: float) -> list[tuple[_Request, BaseException]]:
+        """Settle every request whose deadline has passed: withdraw it, or discard its result."""
+        expired: list[tuple[_Request, BaseException]] = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            request = heapq.heappop(deadlines)[2]
+            if request.settled:
+                continue
+            request.settled = True
+            if self._pending.pop(request.id, None) is not None:
+                self._pending_tokens -= request.sample.length
+                self._counters.withdrawn += 1
+                what = "before it was packed; the sample was withdrawn"
+            else:
+                self._counters.discarded += 1
+                what = "after it was packed; its result will be discarded"
+            message = f"no result within {request.timeout} s: the deadline passed {what}"
+            expired.append((request, RequestTimeoutError(message)))
+        return expired
 
     # -------------------------------------------------------------------------------- engine
 
@@ -466,10 +623,11 @@ class PackRunner:
         asyncio.set_event_loop(loop)
         try:
             self._wakeup = asyncio.Event()
+            self._pool.attach(loop, self._finish, self._on_device_change)
             loop.call_soon(loop_ready.set)
             loop.run_until_complete(self._engine())
         finally:
-            self._stop_workers()
+            self._pool.stop()
             with self._lock:
                 self._state = _State.CLOSED
             loop.run_until_complete(loop.shutdown_asyncgens())
@@ -478,23 +636,22 @@ class PackRunner:
     async def _engine(self) -> None:
         try:
             await self._batcher()
-        except Exception:  # a bug; never leave callers hanging because of it
+        except BaseException:  # a bug; never leave callers hanging because of it
             logger.exception("packrunner batcher crashed; failing waiting samples")
             with self._lock:
                 self._state = _State.CLOSING
-                abandoned = list(self._pending.values())
-                self._pending.clear()
-                self._pending_tokens = 0
+                abandoned = self._take_pending_locked()
                 self._counters.failed += len(abandoned)
-            _deliver_errors(abandoned, PackRunnerError("internal error in the packrunner batcher"))
-        # Every in-flight batch reports back on this loop; wait for them before stopping.
-        assert self._wakeup is not None
-        while True:
-            with self._lock:
-                if self._inflight == 0:
-                    return
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            message = "internal error in the packrunner batcher"
+            _deliver([(r, PackRunnerError(message)) for r in abandoned])
+            # Every in-flight batch reports back on this loop (or times out); wait for them.
+            assert self._wakeup is not None
+            while True:
+                with self._lock:
+                    if self._inflight == 0:
+                        return
+                self._wakeup.clear()
+                await self._wakeup.wait()
 
     def _may_be_full_locked(self) -> bool:
         # Cheap necessary condition for "some algorithm could close a batch now": fewer samples
@@ -508,19 +665,21 @@ class PackRunner:
         )
 
     async def _batcher(self) -> None:
+        """Pack and dispatch batches, expire deadlines; return once closed and idle."""
         config = self._config
         timeout_s = config.timeout_us * 1e-6
-        workers = len(self._devices)
         assert self._wakeup is not None
         while True:
             self._wakeup.clear()
             batch_requests: list[_Request] | None = None
             plan: PackPlan | None = None
             reason = ""
-            sleep_s: float | None = None
+            now = time.monotonic()
+            wake_at = math.inf
             with self._lock:
+                expired = self._expire_locked(now)
                 if not self._pending:
-                    if self._state is not _State.RUNNING:
+                    if self._state is not _State.RUNNING and self._inflight == 0:
                         return
                     self._wait = _Wait.ARRIVAL
                 elif self._inflight >= self._max_inflight:
@@ -529,11 +688,10 @@ class PackRunner:
                     draining = self._state is not _State.RUNNING
                     oldest = next(iter(self._pending.values()))
                     deadline = oldest.arrival + timeout_s
-                    now = time.monotonic()
-                    expired = now >= deadline
+                    timed_out = now >= deadline
                     # A timed-out partial batch goes only to an idle device: while every device
                     # is busy it could not start anyway, and waiting lets it fill up.
-                    due = draining or (expired and self._inflight < workers)
+                    due = draining or (timed_out and self._inflight < self._pool.live)
                     if due or self._may_be_full_locked():
                         candidates = list(itertools.islice(self._pending.values(), self._window))
                         plan = plan_batch(
@@ -550,83 +708,132 @@ class PackRunner:
                             for request in batch_requests:
                                 del self._pending[request.id]
                                 self._pending_tokens -= request.sample.length
-                            self._inflight += 1
-                            counters = self._counters
-                            counters.batches += 1
-                            counters.samples += plan.num_samples
-                            counters.tokens += plan.num_tokens
-                            if reason == "full":
-                                counters.batches_full += 1
-                            elif reason == "timeout":
-                                counters.batches_timeout += 1
+                            self._count_batch_locked(plan, reason)
                     if batch_requests is None:
                         self._wait = _Wait.FILL
-                        sleep_s = None if expired else deadline - now
+                        if not timed_out:
+                            wake_at = deadline
+                if batch_requests is None:
+                    if self._deadlines:
+                        wake_at = min(wake_at, self._deadlines[0][0])
+                    self._wake_at = wake_at
+                else:
+                    self._wake_at = -math.inf
+            if expired:
+                _deliver(expired)
             if batch_requests is not None:
                 assert plan is not None
                 self._dispatch(batch_requests, plan, reason)
                 continue
-            if sleep_s is None:
+            if wake_at == math.inf:
                 await self._wakeup.wait()
             else:
                 try:
-                    async with asyncio.timeout(sleep_s):
+                    async with asyncio.timeout(max(0.0, wake_at - time.monotonic())):
                         await self._wakeup.wait()
                 except TimeoutError:
                     pass
 
+    def _count_batch_locked(self, plan: PackPlan, reason: str) -> None:
+        self._inflight += 1
+        counters = self._counters
+        counters.batches += 1
+        counters.samples += plan.num_samples
+        counters.tokens += plan.num_tokens
+        if reason == "full":
+            counters.batches_full += 1
+        elif reason == "timeout":
+            counters.batches_timeout += 1
+
     def _dispatch(self, requests: list[_Request], plan: PackPlan, reason: str) -> None:
+        batch = Batch(requests, plan, {}, reason, time.monotonic())
         try:
-            feeds = self._feeder.feeds(plan, [r.sample for r in requests])
+            batch.feeds = self._feeder.feeds(plan, [r.sample for r in requests])
         except Exception as exc:  # a bug in packing: fail this batch only
             logger.exception("packing a batch failed")
-            self._finish(_Batch(requests, plan, {}, reason, time.monotonic()), None, exc, 0.0)
+            batch.claimed = True
+            self._finish(batch, None, exc, 0.0)
             return
-        self._work.put(_Batch(requests, plan, feeds, reason, time.monotonic()))
+        self._pool.run(batch)
 
     def _finish(
         self,
-        batch: _Batch,
-        outputs: dict[str, npt.NDArray[Any]] | None,
+        batch: Batch,
+        outputs: object,
         error: BaseException | None,
         busy_s: float,
     ) -> None:
-        """Runs on the engine loop when a device finished a batch: unpack and deliver."""
-        results: list[Result] | None = None
-        if error is None and outputs is not None:
+        """Engine thread: a batch came back from a device (or its watchdog fired): deliver."""
+        requests: list[_Request] = batch.requests
+        count = len(requests)
+        outcomes: list[_Outcome]
+        if error is None:
             try:
-                results = unpack_outputs(
-                    batch.plan, outputs, self._feeder.outputs, seq_len=self._config.seq_len
-                )
-            except Exception as exc:
+                outcomes = list(self._feeder.results(batch.plan, outputs))
+            except Exception as exc:  # outputs that do not match the specs
                 error = exc
+        if error is not None:
+            if isinstance(error, DeviceTimeoutError):
+                failure: type[DeviceError] = DeviceTimeoutError
+                message = str(error)
+            else:
+                failure = DeviceError
+                message = f"device failed on a batch of {count} samples: {short_repr(error, 300)}"
+            outcomes = [_chained(failure(message), error) for _ in requests]
+        nonfinite = 0
+        if error is None and self._config.check_finite:
+            for k, outcome in enumerate(outcomes):
+                if not isinstance(outcome, BaseException) and not _all_finite(outcome):
+                    outcomes[k] = DeviceError("the device returned NaN or Inf for this sample")
+                    nonfinite += 1
         # Request latency (arrival to delivery) and queue wait (arrival to packing), as a
         # histogram: a few numpy calls per batch, none per request.
         now = time.monotonic()
-        arrivals = np.fromiter((r.arrival for r in batch.requests), np.float64, len(batch.requests))
+        arrivals = np.fromiter((r.arrival for r in requests), np.float64, count)
         latencies = now - arrivals
         buckets = np.bincount(
             np.searchsorted(_LATENCY_BOUNDS, latencies), minlength=len(_LATENCY_BOUNDS) + 1
         )
+        deliveries: list[tuple[_Request, _Outcome]] = []
         with self._lock:
             self._inflight -= 1
-            self._counters.device_busy_s += busy_s
-            self._counters.latency_counts += buckets
-            self._counters.latency_sum_s += float(latencies.sum())
-            self._counters.queue_wait_sum_s += float((batch.packed_at - arrivals).sum())
-            if results is None:
-                self._counters.batches_failed += 1
-                self._counters.failed += len(batch.requests)
+            counters = self._counters
+            counters.device_busy_s += busy_s
+            counters.latency_counts += buckets
+            counters.latency_sum_s += float(latencies.sum())
+            counters.queue_wait_sum_s += float((batch.packed_at - arrivals).sum())
+            counters.nonfinite += nonfinite
+            if error is None:
+                self._degraded = None
             else:
-                self._counters.completed += len(batch.requests)
-        if results is None:
-            failure = DeviceError(
-                f"device failed on a batch of {len(batch.requests)} samples: {error!r}"
-            )
-            failure.__cause__ = error
-            _deliver_errors(batch.requests, failure)
-        else:
-            _deliver_results(batch.requests, results)
+                counters.batches_failed += 1
+                counters.device_timeouts += isinstance(error, DeviceTimeoutError)
+                self._degraded = f"the last batch failed: {short_repr(error, 200)}"
+            for request, outcome in zip(requests, outcomes, strict=True):
+                if request.settled:  # its deadline passed while it was on the device
+                    continue
+                request.settled = True
+                if isinstance(outcome, BaseException):
+                    counters.failed += 1
+                else:
+                    counters.completed += 1
+                deliveries.append((request, outcome))
+        _deliver(deliveries)
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    def _on_device_change(self, replaced: bool) -> None:
+        """Engine thread: a device was replaced, or lost for good."""
+        abandoned: list[_Request] = []
+        with self._lock:
+            if replaced:
+                self._counters.devices_replaced += 1
+            elif self._pool.lost is not None:
+                abandoned = self._take_pending_locked()
+                self._counters.failed += len(abandoned)
+            lost = self._pool.lost
+        if abandoned and lost is not None:
+            _deliver([(r, DeviceError(lost)) for r in abandoned])
         assert self._wakeup is not None
         self._wakeup.set()
 
@@ -638,100 +845,59 @@ class PackRunner:
             except RuntimeError:  # loop already closed: the engine has finished
                 pass
 
-    # ------------------------------------------------------------------------------- workers
-
-    def _worker_main(self, device: Device, ready: concurrent.futures.Future[None]) -> None:
-        try:
-            device.open()
-        except BaseException as exc:
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        try:
-            while True:
-                batch = self._work.get()
-                if batch is None:
-                    return
-                started = time.perf_counter()
-                outputs: dict[str, npt.NDArray[Any]] | None = None
-                error: BaseException | None = None
-                try:
-                    outputs = device.run(batch.feeds)
-                except Exception as exc:
-                    error = exc
-                busy_s = time.perf_counter() - started
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(self._finish, batch, outputs, error, busy_s)
-        finally:
-            try:
-                device.close()
-            except Exception:
-                logger.exception("closing device %r failed", device)
-
-    def _stop_workers(self) -> None:
-        for _ in self._workers:
-            self._work.put(None)
-        for worker in self._workers:
-            worker.join()
-
 
 # ---------------------------------------------------------------------------------- delivery
 
 
-def _deliver_results(requests: Sequence[_Request], results: Sequence[Result]) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AnyFuture, Result]]] = defaultdict(list)
-    for request, result in zip(requests, results, strict=True):
+def _chained(error: BaseException, cause: BaseException) -> BaseException:
+    # One instance per future, all chained to the shared root cause: re-raising one cannot
+    # grow another's traceback (nor keep its caller's frames alive).
+    if error is not cause:
+        error.__cause__ = cause
+    return error
+
+
+def _all_finite(result: Result) -> bool:
+    return all(
+        bool(np.isfinite(array).all()) for array in result.values() if array.dtype.kind in "fc"
+    )
+
+
+def _deliver(items: Sequence[tuple[_Request, _Outcome]]) -> None:
+    """Resolve futures: sync ones directly, async ones with one hop per caller loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AnyFuture, _Outcome]]] = defaultdict(list)
+    for request, outcome in items:
         if request.loop is None:
-            _set_sync(request.future, result, None)
+            _resolve(request.future, outcome)
         else:
-            by_loop[request.loop].append((request.future, result))
-    for loop, items in by_loop.items():
-        _call_in_loop(loop, _resolve_async, items, None)
+            by_loop[request.loop].append((request.future, outcome))
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, group)
+        except RuntimeError:
+            # The caller's loop is closed: nobody can await these futures any more.
+            logger.debug("dropping %d results for a closed event loop", len(group))
 
 
-def _deliver_errors(requests: Sequence[_Request], error: BaseException) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_AnyFuture, Result]]] = defaultdict(list)
-    for request in requests:
-        if request.loop is None:
-            _set_sync(request.future, None, error)
-        else:
-            by_loop[request.loop].append((request.future, {}))
-    for loop, items in by_loop.items():
-        _call_in_loop(loop, _resolve_async, items, error)
+def _resolve_all(group: list[tuple[_AnyFuture, _Outcome]]) -> None:
+    for future, outcome in group:
+        _resolve(future, outcome)
 
 
-def _call_in_loop(
-    loop: asyncio.AbstractEventLoop,
-    callback: Callable[[list[tuple[_AnyFuture, Result]], BaseException | None], None],
-    items: list[tuple[_AnyFuture, Result]],
-    error: BaseException | None,
-) -> None:
+def _resolve(future: _AnyFuture, outcome: _Outcome) -> None:
+    """Set one future. A done-callback that raises, even a BaseException, is logged and
+    cannot keep the other futures of its batch unresolved nor stop the engine thread."""
     try:
-        loop.call_soon_threadsafe(callback, items, error)
-    except RuntimeError:
-        # The caller's loop is closed: nobody can await these futures any more.
-        logger.debug("dropping %d results for a closed event loop", len(items))
-
-
-def _resolve_async(items: list[tuple[_AnyFuture, Result]], error: BaseException | None) -> None:
-    for future, result in items:
         if future.done():  # cancelled by its caller
-            continue
-        if error is None:
-            future.set_result(result)
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
         else:
-            future.set_exception(error)
-
-
-def _set_sync(future: _AnyFuture, result: Result | None, error: BaseException | None) -> None:
-    try:
-        if error is None:
-            assert result is not None
-            future.set_result(result)
-        else:
-            future.set_exception(error)
-    except concurrent.futures.InvalidStateError:
-        pass  # cancelled by a caller whose timeout expired
+            future.set_result(outcome)
+    except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+        pass  # cancelled by its caller meanwhile
+    except BaseException:
+        logger.exception("a done-callback of a packrunner future raised; ignored")
 
 
 def _new_event_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:

@@ -15,7 +15,7 @@ class RunnerStats:
         requests: Samples accepted (queued).
         rejected_invalid: Samples refused by validation.
         rejected_overloaded: Samples refused because the queue was full.
-        withdrawn: Samples cancelled or timed out by their caller before being packed.
+        withdrawn: Samples cancelled, or past their deadline, before being packed.
         completed: Samples whose result was delivered.
         failed: Samples that got a DeviceError or RunnerClosedError.
         batches: Batches run on a device (successfully or not).
@@ -35,6 +35,13 @@ class RunnerStats:
         latency_bucket_bounds_s: Upper bounds of the latency histogram's buckets (seconds).
         latency_bucket_counts: Finished samples per bucket (not cumulative); one more entry
             than bounds, for latencies above the last bound.
+        discarded: Samples whose deadline passed after packing (result discarded).
+        nonfinite: Samples failed because their outputs held NaN/Inf (``check_finite``).
+        device_timeouts: Batches failed by the device watchdog (``device_timeout_s``).
+        devices_replaced: Hung devices replaced by a fresh one.
+
+    Every accepted sample ends up in exactly one of ``completed``, ``failed``, ``withdrawn``
+    and ``discarded`` (``nonfinite`` ones are also counted in ``failed``).
     """
 
     requests: int
@@ -58,6 +65,10 @@ class RunnerStats:
     queue_wait_sum_s: float = 0.0
     latency_bucket_bounds_s: tuple[float, ...] = ()
     latency_bucket_counts: tuple[int, ...] = ()
+    discarded: int = 0
+    nonfinite: int = 0
+    device_timeouts: int = 0
+    devices_replaced: int = 0
 
     @property
     def finished(self) -> int:

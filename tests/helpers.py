@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,3 +83,89 @@ class PoisonDevice(SimulatedDevice):
         if bool((feeds["input_ids"] == self.POISON).any()):
             raise RuntimeError("device fault: poison token")
         return super().run(feeds)
+
+
+#: Faults a FaultyDevice can inject, one per batch.
+FAULTS = (
+    "raise",  # RuntimeError from run()
+    "cancelled",  # asyncio.CancelledError (a BaseException) from run()
+    "interrupt",  # KeyboardInterrupt from run()
+    "exit",  # SystemExit from run()
+    "transposed",  # an output of the wrong shape
+    "missing",  # an output left out
+    "extra_dim",  # an output with one more dimension
+    "nan",  # NaN in one token of one sample
+    "slow",  # takes a while (still well under the watchdog)
+    "hang",  # never returns until the test releases it
+)
+
+
+class FaultPlan:
+    """The shared, seeded fault schedule of a FaultyDevice and all its replicas."""
+
+    def __init__(self, seed: int, rate: float, faults: tuple[str, ...] = FAULTS) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.rate = rate
+        self.faults = faults
+        self.lock = threading.Lock()
+        self.release = threading.Event()  # unblocks every hung run
+        self.hanging = threading.Semaphore(0)  # released as each run starts hanging
+        self.injected: dict[str, int] = {}
+        self.forced: list[str] = []  # faults to inject next, before any random ones
+
+    def next_fault(self) -> str | None:
+        with self.lock:
+            if self.forced:
+                fault: str | None = self.forced.pop(0)
+            elif self.rng.random() < self.rate:
+                fault = str(self.rng.choice(self.faults))
+            else:
+                fault = None
+            if fault is not None:
+                self.injected[fault] = self.injected.get(fault, 0) + 1
+            return fault
+
+
+class FaultyDevice(SimulatedDevice):
+    """A SimulatedDevice that injects the faults of its FaultPlan; its replicas share it."""
+
+    def __init__(self, plan: FaultPlan, *, replaceable: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("batch_latency_us", 0)
+        super().__init__(**kwargs)
+        self.plan = plan
+        self.replaceable = replaceable
+        self._kwargs = kwargs
+
+    def replica(self) -> FaultyDevice | None:  # type: ignore[override]
+        if not self.replaceable:
+            return None
+        return FaultyDevice(self.plan, replaceable=True, **self._kwargs)
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        fault = self.plan.next_fault()
+        if fault == "raise":
+            raise RuntimeError("injected device fault")
+        if fault == "cancelled":
+            raise asyncio.CancelledError("injected")
+        if fault == "interrupt":
+            raise KeyboardInterrupt("injected")
+        if fault == "exit":
+            raise SystemExit("injected")
+        if fault == "hang":
+            self.plan.hanging.release()
+            self.plan.release.wait()
+        if fault == "slow":
+            time.sleep(0.005)  # simulated work, as SimulatedDevice's own latency
+        outputs = super().run(feeds)
+        if fault == "transposed":
+            outputs["start_logits"] = np.ascontiguousarray(outputs["start_logits"].T)
+        elif fault == "missing":
+            del outputs["end_logits"]
+        elif fault == "extra_dim":
+            outputs["end_logits"] = outputs["end_logits"][..., None]
+        elif fault == "nan":
+            mask = feeds.get("attention_mask")
+            valid = np.flatnonzero((mask if mask is not None else feeds["input_ids"]) > 0)
+            if len(valid):
+                outputs["start_logits"].reshape(-1)[valid[0]] = np.nan
+        return outputs

@@ -99,3 +99,14 @@ class Device(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, empty by design
         """Release the device. Called once, from the worker thread, after the last run."""
+
+    def replica(self) -> Device | None:
+        """A fresh, unopened device identical to this one, to replace it after it hung.
+
+        When a batch exceeds ``RunnerConfig.device_timeout_s`` the runner abandons the worker
+        thread stuck in :meth:`run` (it may never return) and calls this, on a new worker
+        thread, to open a replacement. Return None (the default) when the device cannot be
+        duplicated: the runner then serves on its remaining devices, and once none is left it
+        reports itself not live and fails requests at once with :class:`~packrunner.DeviceError`.
+        """
+        return None

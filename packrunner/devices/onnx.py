@@ -87,6 +87,18 @@ class OnnxDevice(Device):
         allow_spinning: bool = True,
         allow_batch_coupling_ops: bool = False,
     ) -> None:
+        # Everything needed to build a replica (a fresh session after a hang).
+        self._arguments: dict[str, Any] = {
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "max_valid_num": max_valid_num,
+            "intra_op_num_threads": intra_op_num_threads,
+            "providers": providers,
+            "output_layouts": output_layouts,
+            "output_names": output_names,
+            "allow_spinning": allow_spinning,
+            "allow_batch_coupling_ops": allow_batch_coupling_ops,
+        }
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ConfigError(f"model_path {str(self.model_path)!r} is not a file")
@@ -190,6 +202,10 @@ class OnnxDevice(Device):
     def close(self) -> None:
         """Drop the session."""
         self._session = None
+
+    def replica(self) -> OnnxDevice:
+        """A new, unopened OnnxDevice over the same model file and options."""
+        return OnnxDevice(self.model_path, **self._arguments)
 
     def _output_spec(self, value: onnx.ValueInfoProto, layout: OutputLayout | None) -> OutputSpec:
         dims = [

@@ -140,6 +140,16 @@ class SimulatedDevice(Device):
         # sleeping that much less keeps the simulated batch latency at batch_latency_us.
         self._sleep_overshoot_s = 0.0
 
+    def replica(self) -> SimulatedDevice:
+        """A fresh SimulatedDevice with the same shapes, form and latency."""
+        return SimulatedDevice(
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            batch_latency_us=self.batch_latency_us,
+            form=self.form,
+            max_valid_num=self.max_valid_num,
+        )
+
     @property
     def input_specs(self) -> Mapping[str, TensorSpec]:
         """The compiled inputs."""
