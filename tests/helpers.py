@@ -110,6 +110,7 @@ class FaultPlan:
         self.lock = threading.Lock()
         self.release = threading.Event()  # unblocks every hung run
         self.hanging = threading.Semaphore(0)  # released as each run starts hanging
+        self.hung = threading.Event()  # set once any run has started hanging
         self.injected: dict[str, int] = {}
         self.forced: list[str] = []  # faults to inject next, before any random ones
 
@@ -153,6 +154,7 @@ class FaultyDevice(SimulatedDevice):
             raise SystemExit("injected")
         if fault == "hang":
             self.plan.hanging.release()
+            self.plan.hung.set()
             self.plan.release.wait()
         if fault == "slow":
             time.sleep(0.005)  # simulated work, as SimulatedDevice's own latency

@@ -191,15 +191,24 @@ def test_a_hung_device_times_out_is_replaced_and_serving_recovers(plan: FaultPla
 def test_a_hung_device_that_cannot_be_replaced_leaves_the_others_serving(plan: FaultPlan) -> None:
     hung_plan = FaultPlan(seed=1, rate=0.0)
     hung_plan.forced.append("hang")
+
+    class AfterTheHang(FaultyDevice):
+        """Runs nothing until the other device hangs, so that one surely gets a batch."""
+
+        def run(self, feeds: Any) -> Any:
+            hung_plan.hung.wait(10)
+            return super().run(feeds)
+
     devices = [
         FaultyDevice(hung_plan, replaceable=False, **SMALL),
-        FaultyDevice(plan, replaceable=False, **SMALL),
+        AfterTheHang(plan, replaceable=False, **SMALL),
     ]
     try:
         with PackRunner(devices, config(device_timeout_s=0.3, timeout_us=0)) as runner:
             outcomes = [runner.submit({"input_ids": [i + 1]}) for i in range(20)]
             results = [f.exception(10) or f.result() for f in outcomes]
             assert sum(isinstance(r, DeviceTimeoutError) for r in results) >= 1
+            assert all(isinstance(r, dict | DeviceTimeoutError) for r in results)
             assert runner.health().live
             assert_matches_reference(SAMPLE, runner.execute(SAMPLE, timeout=10))
     finally:
