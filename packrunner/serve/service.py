@@ -33,7 +33,7 @@ __all__ = ["ACCESS_LOGGER", "Service"]
 ACCESS_LOGGER = logging.getLogger("packrunner.serve.access")
 
 
-@dataclass(slots=True)
+@dataclass
 class Service:
     """The shared state and operations of one server."""
 
