@@ -132,9 +132,16 @@ class Server:
         )  # fmt: skip
 
     def request_stop(self) -> None:
-        """Begin a graceful stop (safe from a signal handler on the loop)."""
+        """Begin a graceful stop: not ready and no new requests from now on (call on the loop)."""
+        self.engine.begin_drain()
         if self._stopping is not None:
             self._stopping.set()
+
+    async def serve_until_stopped(self) -> None:
+        """Serve until :meth:`request_stop`, then stop gracefully."""
+        assert self._stopping is not None, "start() first"
+        await self._stopping.wait()
+        await self.stop()
 
     async def serve_until_signal(self) -> None:
         """Serve until SIGTERM / SIGINT (or :meth:`request_stop`), then stop gracefully."""
@@ -143,12 +150,10 @@ class Server:
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            assert self._stopping is not None
-            await self._stopping.wait()
+            await self.serve_until_stopped()
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
-        await self.stop()
 
     async def stop(self) -> None:
         """Drain admitted requests (503 to new ones, listeners open), then close everything."""

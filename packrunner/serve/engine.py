@@ -203,9 +203,14 @@ class Engine:
         self._metrics.queue_duration.observe(max(0.0, batch_start - submitted))
         return results
 
+    def begin_drain(self) -> None:
+        """Stop admitting (new requests get UNAVAILABLE) and report not ready."""
+        if self.state is not EngineState.STOPPED:
+            self.state = EngineState.DRAINING
+
     async def drain(self, grace_s: float) -> bool:
         """Stop admitting; wait up to ``grace_s`` for admitted requests. True if all ended."""
-        self.state = EngineState.DRAINING
+        self.begin_drain()
         if self._idle is None:
             return True
         try:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import replace
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from packrunner import RunnerConfig
-from packrunner.devices.onnx import OnnxDevice
-from packrunner.serve import ServedModel, Server, ServeSettings, load_model
+from packrunner.serve import ServedModel, Server, ServeSettings
 
 #: A small packed batch keeps the ORT model quick on a shared 2-core machine.
 TEST_SETTINGS = ServeSettings(
@@ -42,7 +39,6 @@ class ServerThread:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
         self.server: Server | None = None
         self._thread = threading.Thread(target=self._main, name="serve-test-loop", daemon=True)
 
@@ -51,12 +47,11 @@ class ServerThread:
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
         try:
             self.server = Server(self.settings, self._model)
             async with self.server:
                 self._started.set()
-                await self._stop.wait()
+                await self.server.serve_until_stopped()
         except BaseException as exc:
             self._error = exc
         finally:
@@ -85,11 +80,30 @@ class ServerThread:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(30)
 
-    def __enter__(self) -> ServerThread:
+    def launch(self) -> None:
+        """Start the server's thread without waiting for it to be ready."""
         self._thread.start()
+
+    def wait_ready(self) -> None:
+        """Wait until the server started (listeners open, warm-up done)."""
         assert self._started.wait(120), "server did not start"
         if self._error is not None:
             raise self._error
+
+    def request_stop(self) -> None:
+        """Begin the graceful stop on the server's loop; returns once it is draining."""
+        assert self.server is not None
+        self.call(self.server.request_stop)
+
+    def join(self) -> None:
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "server did not stop"
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> ServerThread:
+        self.launch()
+        self.wait_ready()
         return self
 
     def __exit__(
@@ -98,29 +112,11 @@ class ServerThread:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "server did not stop"
-        if self._error is not None:
-            raise self._error
+        if self._loop is not None and self.server is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.server.request_stop)
+        self.join()
 
 
 def settings(**changes: Any) -> ServeSettings:
     """The test settings with some fields changed."""
     return replace(TEST_SETTINGS, **changes)
-
-
-def default_model(**changes: Any) -> ServedModel:
-    return load_model(settings(**changes))
-
-
-def model_path(server: ServerThread) -> Path:
-    assert server.server is not None
-    device = server.server.model.device
-    assert isinstance(device, OnnxDevice)
-    return device.model_path
-
-
-def runner_config(**changes: Any) -> RunnerConfig:
-    return replace(load_model(TEST_SETTINGS).config, **changes)
