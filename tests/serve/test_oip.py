@@ -62,7 +62,9 @@ def _expected(runner: PackRunner, sequences: list[npt.NDArray[np.int64]]) -> dic
     return out
 
 
-def _inputs(module: Any, ids: npt.NDArray[Any], mask: npt.NDArray[Any] | None, **kw: Any) -> list:
+def _inputs(
+    module: Any, ids: npt.NDArray[Any], mask: npt.NDArray[Any] | None, **kw: Any
+) -> list[Any]:
     tensors = [("input_ids", ids)] + ([("attention_mask", mask)] if mask is not None else [])
     inputs = []
     for name, array in tensors:
