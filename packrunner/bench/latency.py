@@ -151,6 +151,7 @@ def open_loop(
 
     Each request's latency counts from its *scheduled* arrival, so a client that falls behind
     schedule (a saturated host) shows up as latency instead of silently lowering the load.
+    A target with an ``aclose()`` coroutine (a network client) is closed on the loop it ran on.
     """
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=requests))
@@ -182,6 +183,9 @@ def open_loop(
                 await asyncio.sleep(max(0.0, arrivals[index] - (loop.time() - start)))
         await asyncio.gather(*tasks)
         wall = loop.time() - start
+        close = getattr(target, "aclose", None)
+        if close is not None:
+            await close()
         return summarize(latencies, wall, errors=failures, offered_rate=rate), latencies
 
     return asyncio.run(run())
