@@ -168,6 +168,12 @@ def _server(extra: Sequence[str]) -> Iterator[tuple[str, str]]:
             process.stderr.close()
 
 
+def _drive(target: Any, inputs: Sequence[dict[str, Any]], rate: float) -> LatencySummary:
+    """One open-loop run of ``target``; its connections are closed on the run's own loop."""
+    summary, _ = open_loop(target, inputs, rate=rate, requests=len(inputs), finish=target.aclose)
+    return summary
+
+
 def _row(label: str, summary: LatencySummary, baseline: LatencySummary | None = None) -> str:
     ratio = f"{summary.throughput / baseline.throughput:5.2f}x" if baseline else "     -"
     return (
@@ -214,9 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "/v1/embeddings (text)": (lambda: Embeddings(http), texts),
         }
         for label, (make, inputs) in targets.items():
-            open_loop(make(), inputs[:64], rate=flood, requests=64)  # connections, warm-up
-            saturated[label], _ = open_loop(make(), inputs, rate=flood, requests=len(inputs))
-            half[label], _ = open_loop(make(), inputs, rate=half_rate, requests=len(inputs))
+            _drive(make(), inputs[:64], flood)  # connections, warm-up
+            saturated[label] = _drive(make(), inputs, flood)
+            half[label] = _drive(make(), inputs, half_rate)
 
     sim_samples = [{"input_ids": s["input_ids"]} for s in seed_dataset(args.sim_requests)]
     ceiling: dict[str, LatencySummary] = {}
@@ -226,10 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "OIP gRPC": lambda: Grpc(grpc_address),
         }
         for label, make in sim_targets.items():
-            open_loop(make(), sim_samples[:100], rate=flood, requests=100)
-            ceiling[label], _ = open_loop(
-                make(), sim_samples, rate=flood, requests=len(sim_samples)
-            )
+            _drive(make(), sim_samples[:100], flood)
+            ceiling[label] = _drive(make(), sim_samples, flood)
 
     print("Saturation (every request offered at once), onnxruntime default model")
     print(header)

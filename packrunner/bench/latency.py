@@ -146,12 +146,14 @@ def open_loop(
     requests: int,
     seed: int = 0,
     on_request: Callable[[], None] | None = None,
+    finish: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[LatencySummary, npt.NDArray[np.float64]]:
     """Poisson arrivals at ``rate`` per second through ``execute_async``.
 
     Each request's latency counts from its *scheduled* arrival, so a client that falls behind
     schedule (a saturated host) shows up as latency instead of silently lowering the load.
-    A target with an ``aclose()`` coroutine (a network client) is closed on the loop it ran on.
+    ``finish`` (e.g. closing a network client) is awaited on the same loop after the last
+    request.
     """
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=requests))
@@ -183,9 +185,8 @@ def open_loop(
                 await asyncio.sleep(max(0.0, arrivals[index] - (loop.time() - start)))
         await asyncio.gather(*tasks)
         wall = loop.time() - start
-        close = getattr(target, "aclose", None)
-        if close is not None:
-            await close()
+        if finish is not None:
+            await finish()
         return summarize(latencies, wall, errors=failures, offered_rate=rate), latencies
 
     return asyncio.run(run())
