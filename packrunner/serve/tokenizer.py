@@ -130,9 +130,15 @@ class TextEncoder:
         for index, text in enumerate(texts):
             if not (text if isinstance(text, str) else all(text)):
                 raise ServeError(ErrorKind.EMPTY, f"input {index} is empty")
-        encodings: list[Encoding] = self._tokenizer.encode_batch(
-            list(texts), add_special_tokens=add_special_tokens
-        )
+        # One encode() per text rather than encode_batch(): the batch form fans out to a rayon
+        # thread pool whose workers compete with the device's threads for the same cores, and a
+        # request carries at most --max-client-batch-size short texts.
+        encodings: list[Encoding] = []
+        for text in texts:
+            first, pair = text if isinstance(text, tuple) else (text, None)
+            encodings.append(
+                self._tokenizer.encode(first, pair, add_special_tokens=add_special_tokens)
+            )
         out = []
         limit = self.max_input_length
         for index, encoding in enumerate(encodings):
