@@ -10,6 +10,7 @@ its samples. Overload is RESOURCE_EXHAUSTED.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
@@ -32,6 +33,8 @@ from packrunner.serve.v2_codec import DATATYPES, tensor_from_bytes
 from packrunner.serve.v2_routes import PLATFORM, SERVER_NAME, server_metadata
 
 __all__ = ["MAX_MESSAGE_BYTES", "add_inference_service"]
+
+logger = logging.getLogger("packrunner.serve")
 
 #: Receive/send limit: tritonclient's channel allows 2 GiB; the default 4 MiB server limit would
 #: refuse large multi-sequence requests that fit --payload-limit.
@@ -177,6 +180,13 @@ class InferenceServicer:
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED.name
                 raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                logger.exception("unhandled error in %s", rpc)
+                failure = ServeError(ErrorKind.BACKEND, f"internal error: {exc!r}")
+                code = failure.kind.grpc_code.name
+                await context.abort(failure.kind.grpc_code, failure.message)
             finally:
                 service.record(rpc, Protocol.GRPC, code, started, failure, peer=context.peer())
 

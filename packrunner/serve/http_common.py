@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from packrunner.serve.errors import ErrorKind, Protocol, ServeError
 from packrunner.serve.service import Service
 
 __all__ = ["Call", "Handler", "endpoint", "error_response", "json_body"]
+
+logger = logging.getLogger("packrunner.serve")
 
 #: Status recorded for a client that went away before its answer (nginx's convention).
 CLIENT_CLOSED = "499"
@@ -150,6 +153,10 @@ def endpoint(
             response = error_response(protocol, error)
         except ClientDisconnect:
             response = None
+        except Exception as exc:  # a bug: still answer in the protocol's error shape
+            logger.exception("unhandled error on %s", request.url.path)
+            failure = ServeError(ErrorKind.BACKEND, f"internal error: {exc!r}")
+            response = error_response(protocol, failure)
         status = CLIENT_CLOSED if response is None else str(response.status_code)
         service.record(
             route,

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from packrunner import RunnerConfig
 from packrunner.serve import ServedModel
 from packrunner.serve.tokenizer import TextEncoder, build_default_tokenizer
-from tests.helpers import GatedDevice, reference
+from tests.helpers import GatedDevice, PoisonDevice, reference
 
 from ._support import ServerThread, settings
 
@@ -315,3 +315,28 @@ def test_deadlines_504_and_deadline_exceeded(gated: Gated) -> None:
     metrics = httpx.get(f"{base}/metrics").text
     timed_out = re.search(r"^packrunner_server_timed_out_total (\S+)$", metrics, re.MULTILINE)
     assert timed_out is not None and float(timed_out.group(1)) >= 1
+
+
+def test_device_failure_is_500_and_internal_and_others_are_unaffected() -> None:
+    device = PoisonDevice(batch_size=1, seq_len=64)
+    model = ServedModel(
+        name="poison",
+        source="test",
+        device=device,
+        config=RunnerConfig(batch_size=1, seq_len=64, max_valid_num=1, timeout_us=0),
+        encoder=None,
+        outputs=dict(device.output_specs),
+        labels=(),
+    )
+    with ServerThread(settings(batch_size=1), model) as server:
+        url = f"{server.base_url}/v2/models/poison/infer"
+        failed = httpx.post(url, json=_v2([[1, PoisonDevice.POISON, 3]]), timeout=30)
+        assert failed.status_code == 500
+        assert "device failed" in failed.json()["error"]
+        client = triton_grpc.InferenceServerClient(server.grpc)
+        tensor = triton_grpc.InferInput("input_ids", [1, 2], "INT64")
+        tensor.set_data_from_numpy(np.array([[PoisonDevice.POISON, 1]], np.int64))
+        with pytest.raises(InferenceServerException) as internal:
+            client.infer("poison", [tensor])
+        assert "INTERNAL" in str(internal.value.status())
+        assert httpx.post(url, json=_v2([[1, 2, 3]]), timeout=30).status_code == 200
