@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import numpy as np
@@ -10,10 +12,11 @@ import numpy.typing as npt
 import openai
 import pytest
 
-from packrunner import PackRunner
-from packrunner.serve.tokenizer import build_default_tokenizer
+from packrunner import OutputLayout, OutputSpec, PackRunner, RunnerConfig, SimulatedDevice
+from packrunner.serve import ServedModel
+from packrunner.serve.tokenizer import TextEncoder, build_default_tokenizer
 
-from ._support import ServerThread
+from ._support import ServerThread, settings
 
 MODEL = "packrunner-bert"
 TEXTS = ["The cat sat on the mat.", "Packing puts several sequences in one row!", "x"]
@@ -123,3 +126,62 @@ def test_metrics_exposition(served: ServerThread) -> None:
         "packrunner_server_timed_out_total",
     ):
         assert name in text, name
+
+
+class ClassifierDevice(SimulatedDevice):
+    """A SimulatedDevice with a per-sequence ``logits`` output [B, max_valid_num, 3]:
+    (length, sum of ids mod 5, 1) of each packed sequence."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=2, seq_len=64, batch_latency_us=0)
+        self._output_specs = {
+            **self._output_specs,
+            "logits": OutputSpec("logits", OutputLayout.SEGMENTS, (3,)),
+        }
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        outputs = super().run(feeds)
+        mask, ids = feeds["attention_mask"], feeds["input_ids"].astype(np.int64)
+        logits = np.zeros((self.batch_size, 40, 3), np.float32)
+        for row in range(self.batch_size):
+            for segment in range(1, int(mask[row].max()) + 1):
+                members = mask[row] == segment
+                logits[row, segment - 1] = (members.sum(), ids[row][members].sum() % 5, 1.0)
+        return {**outputs, "logits": logits}
+
+
+def test_tei_predict_on_a_classifier() -> None:
+    device = ClassifierDevice()
+    model = ServedModel(
+        name="classifier",
+        source="test",
+        device=device,
+        config=RunnerConfig(batch_size=2, seq_len=64, max_valid_num=40, timeout_us=1000),
+        encoder=TextEncoder(build_default_tokenizer(), 64),
+        outputs=dict(device.output_specs),
+        labels=("long", "digest", "bias"),
+    )
+    tokenizer = build_default_tokenizer()
+    with ServerThread(settings(batch_size=2), model) as server:
+        with httpx.Client(base_url=server.base_url, timeout=30) as http:
+            single = http.post("/predict", json={"inputs": "one two three"}).json()
+            # Two strings are one (text, text) pair, as in TEI; three are a batch.
+            pair = http.post("/predict", json={"inputs": ["a", "b c"]}).json()
+            batch = http.post("/predict", json={"inputs": ["a", "b c d e f g", "h"]}).json()
+            raw = http.post("/predict", json={"inputs": "a", "raw_scores": True}).json()
+            info = http.get("/info").json()
+    assert len(batch) == 3
+    cases = [
+        (tokenizer.encode("one two three").ids, single),
+        (tokenizer.encode("a", "b c").ids, pair),
+        *((tokenizer.encode(t).ids, a) for t, a in zip(["a", "b c d e f g", "h"], batch)),
+    ]
+    for ids, answer in cases:
+        logits = np.array([len(ids), sum(ids) % 5, 1.0])
+        probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        expected = sorted(zip(probabilities, model.labels, strict=True), reverse=True)
+        assert [a["label"] for a in answer] == [label for _, label in expected]
+        np.testing.assert_allclose([a["score"] for a in answer], [p for p, _ in expected])
+    assert {a["label"]: a["score"] for a in raw}["long"] == 3.0  # [CLS] a [SEP]
+    assert info["model_type"] == {"classifier": {"id2label": {"0": "long", "1": "digest",
+                                                               "2": "bias"}}}  # fmt: skip
