@@ -174,7 +174,10 @@ def test_tei_predict_on_a_classifier() -> None:
     cases = [
         (tokenizer.encode("one two three").ids, single),
         (tokenizer.encode("a", "b c").ids, pair),
-        *((tokenizer.encode(t).ids, a) for t, a in zip(["a", "b c d e f g", "h"], batch)),
+        *(
+            (tokenizer.encode(t).ids, a)
+            for t, a in zip(["a", "b c d e f g", "h"], batch, strict=True)
+        ),
     ]
     for ids, answer in cases:
         logits = np.array([len(ids), sum(ids) % 5, 1.0])
