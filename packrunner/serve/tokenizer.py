@@ -13,6 +13,7 @@ import itertools
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
@@ -23,6 +24,7 @@ from packrunner.serve.errors import ErrorKind, ServeError
 
 __all__ = ["TextEncoder", "TokenizedText", "build_default_tokenizer", "default_tokenizer_path"]
 
+_T = TypeVar("_T")
 _SPECIAL = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
 
 
@@ -149,20 +151,27 @@ class TextEncoder:
                     f"input {index} has {length} tokens, more than max_input_length={limit}; "
                     "shorten it or set truncate",
                 )
-            keep, tail = min(length, limit), []
-            if keep < length and add_special_tokens and encoding.special_tokens_mask[-1]:
+            # Each Encoding attribute builds a new Python list: read each one once.
+            special = encoding.special_tokens_mask
+            keep, tail = length, None
+            if length > limit:
                 # Keep the closing [SEP]: truncate the text, not the template.
-                keep, tail = keep - 1, [length - 1]
-            kept = [*range(keep), *tail]
+                tail = length - 1 if add_special_tokens and special[-1] else None
+                keep = limit - 1 if tail is not None else limit
             out.append(
                 TokenizedText(
-                    ids=[encoding.ids[i] for i in kept],
-                    type_ids=[encoding.type_ids[i] for i in kept],
-                    offsets=[encoding.offsets[i] for i in kept],
-                    special=[bool(encoding.special_tokens_mask[i]) for i in kept],
-                    sequence_ids=[encoding.sequence_ids[i] for i in kept],
-                    tokens=[encoding.tokens[i] for i in kept],
-                    truncated=keep < length,
+                    ids=_cut(encoding.ids, keep, tail),
+                    type_ids=_cut(encoding.type_ids, keep, tail),
+                    offsets=_cut(encoding.offsets, keep, tail),
+                    special=[bool(m) for m in _cut(special, keep, tail)],
+                    sequence_ids=_cut(encoding.sequence_ids, keep, tail),
+                    tokens=_cut(encoding.tokens, keep, tail),
+                    truncated=length > limit,
                 )
             )
         return out
+
+
+def _cut(values: list[_T], keep: int, tail: int | None) -> list[_T]:
+    """The first ``keep`` values, then the one at ``tail`` if given."""
+    return values[:keep] + ([values[tail]] if tail is not None else [])
