@@ -119,11 +119,6 @@ class Engine:
         """Whether inference requests are accepted."""
         return self.state is EngineState.READY
 
-    @property
-    def in_flight(self) -> int:
-        """Requests admitted and not finished."""
-        return self._in_flight
-
     async def start(self) -> None:
         """Start the runner and run one full batch before reporting ready."""
         self._idle = asyncio.Event()

@@ -22,7 +22,7 @@ from packrunner.errors import (
     RunnerNotStartedError,
 )
 
-__all__ = ["ErrorKind", "Protocol", "ServeError", "from_engine_error"]
+__all__ = ["ErrorKind", "Protocol", "ServeError", "from_engine_error", "invalid"]
 
 
 class Protocol(enum.Enum):
@@ -120,6 +120,11 @@ class ServeError(PackRunnerError):
         self.kind = kind
         self.message = message
         self.retry_after_s = retry_after_s
+
+
+def invalid(message: str) -> ServeError:
+    """A VALIDATION error: the request is malformed or asks for something impossible."""
+    return ServeError(ErrorKind.VALIDATION, message)
 
 
 def from_engine_error(error: PackRunnerError) -> ServeError:

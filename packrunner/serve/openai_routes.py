@@ -15,7 +15,7 @@ import numpy as np
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from packrunner.serve.errors import ErrorKind, Protocol, ServeError
+from packrunner.serve.errors import Protocol, invalid
 from packrunner.serve.http_common import Call, endpoint, json_body
 from packrunner.serve.service import Service
 
@@ -24,30 +24,26 @@ __all__ = ["openai_routes"]
 _CREATED = int(time.time())
 
 
-def _bad(message: str) -> ServeError:
-    return ServeError(ErrorKind.VALIDATION, message)
-
-
 async def _embeddings(call: Call) -> Response:
     service = call.service
     body = json_body(call)
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise invalid("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str):
-        raise _bad("'model' is required")
+        raise invalid("'model' is required")
     service.check_model(model)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
-        raise _bad(f"encoding_format must be 'float' or 'base64', got {encoding!r}")
+        raise invalid(f"encoding_format must be 'float' or 'base64', got {encoding!r}")
     dimensions = body.get("dimensions")
     if dimensions is not None and dimensions != service.model.hidden_size:
-        raise _bad(
+        raise invalid(
             f"dimensions={dimensions!r} is not supported; this model's embeddings have "
             f"{service.model.hidden_size}"
         )
     if "input" not in body:
-        raise _bad("'input' is required")
+        raise invalid("'input' is required")
     sequences = service.input_ids(body["input"], truncate=None)
     vectors = await service.embed(sequences, service.deadline())
     data = []

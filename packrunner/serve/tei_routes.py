@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from packrunner._version import __version__
-from packrunner.serve.errors import ErrorKind, Protocol, ServeError
+from packrunner.serve.errors import ErrorKind, Protocol, ServeError, invalid
 from packrunner.serve.http_common import Call, endpoint, json_body
 from packrunner.serve.service import Service
 
@@ -27,21 +27,17 @@ __all__ = ["MAX_ANSWER_TOKENS", "best_span", "tei_routes"]
 MAX_ANSWER_TOKENS = 30
 
 
-def _bad(message: str) -> ServeError:
-    return ServeError(ErrorKind.VALIDATION, message)
-
-
 def _object(call: Call) -> dict[str, Any]:
     body = json_body(call)
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise invalid("the request body must be a JSON object")
     return body
 
 
 def _flag(body: dict[str, Any], name: str, default: bool | None) -> bool | None:
     value = body.get(name, default)
     if value is not None and not isinstance(value, bool):
-        raise _bad(f"'{name}' must be a boolean")
+        raise invalid(f"'{name}' must be a boolean")
     return value
 
 
@@ -65,7 +61,7 @@ def _softmax(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
 async def _embed(call: Call) -> Response:
     body = _object(call)
     if "inputs" not in body:
-        raise _bad("'inputs' is required")
+        raise invalid("'inputs' is required")
     service = call.service
     sequences = service.input_ids(body["inputs"], _flag(body, "truncate", None))
     vectors = await service.embed(sequences, service.deadline())
@@ -150,13 +146,13 @@ def _predict_inputs(value: object) -> tuple[list[str] | list[tuple[str, str]], b
         return value, False
     if isinstance(value, list) and value and all(pair(v) for v in value):
         return [(v[0], v[1]) for v in value], False
-    raise _bad("'inputs' must be a text, a [text, text] pair, or a list of texts or pairs")
+    raise invalid("'inputs' must be a text, a [text, text] pair, or a list of texts or pairs")
 
 
 async def _predict(call: Call) -> Response:
     service = call.service
     if not service.model.has_classifier:
-        raise _bad("this model has no sequence-classification head (a per-sequence 'logits')")
+        raise invalid("this model has no sequence-classification head (a per-sequence 'logits')")
     body = _object(call)
     texts, single = _predict_inputs(body.get("inputs"))
     service.check_count(len(texts))
@@ -188,7 +184,7 @@ def best_span(
     """
     index = np.flatnonzero(allowed)
     if index.size == 0:
-        raise _bad("the context is empty after tokenisation")
+        raise invalid("the context is empty after tokenisation")
     p_start = _softmax(start_logits[index])
     p_end = _softmax(end_logits[index])
     joint = np.triu(np.outer(p_start, p_end))
@@ -201,11 +197,11 @@ def best_span(
 async def _qa(call: Call) -> Response:
     service = call.service
     if not service.model.has_qa:
-        raise _bad("this model has no question-answering head (start_logits/end_logits)")
+        raise invalid("this model has no question-answering head (start_logits/end_logits)")
     body = _object(call)
     question, context = body.get("question"), body.get("context")
     if not isinstance(question, str) or not isinstance(context, str):
-        raise _bad("'question' and 'context' must be strings")
+        raise invalid("'question' and 'context' must be strings")
     (encoded,) = service.tokenize([(question, context)], _flag(body, "truncate", None))
     (result,) = await service.run_ids([encoded.ids], service.deadline(), [encoded.type_ids])
     pairs = zip(encoded.sequence_ids, encoded.special, strict=True)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from packrunner.serve.errors import ErrorKind, ServeError
+from packrunner.serve.errors import invalid
 
 __all__ = [
     "HEADER_LENGTH",
@@ -47,10 +47,6 @@ DATATYPES: Mapping[str, np.dtype[Any]] = {
 }
 
 
-def _bad(message: str) -> ServeError:
-    return ServeError(ErrorKind.VALIDATION, message)
-
-
 @dataclass(frozen=True, slots=True)
 class V2Request:
     """A decoded inference request.
@@ -76,7 +72,7 @@ def tensor_from_bytes(datatype: str, shape: list[int], raw: bytes, name: str) ->
     dtype = DATATYPES[_datatype(datatype, name)]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise _bad(
+        raise invalid(
             f"input {name!r}: {len(raw)} bytes of binary data, but shape {shape} of {datatype} "
             f"needs {expected}"
         )
@@ -85,7 +81,7 @@ def tensor_from_bytes(datatype: str, shape: list[int], raw: bytes, name: str) ->
 
 def _datatype(value: object, name: str) -> str:
     if not isinstance(value, str) or value not in DATATYPES:
-        raise _bad(f"input {name!r}: unsupported datatype {value!r}")
+        raise invalid(f"input {name!r}: unsupported datatype {value!r}")
     return value
 
 
@@ -93,7 +89,7 @@ def _shape(value: object, name: str) -> list[int]:
     if not isinstance(value, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
-        raise _bad(f"input {name!r}: shape must be a list of non-negative ints, got {value!r}")
+        raise invalid(f"input {name!r}: shape must be a list of non-negative ints, got {value!r}")
     return value
 
 
@@ -107,11 +103,11 @@ def parse_request(body: bytes, header_length: str | None) -> V2Request:
         try:
             json_length = int(header_length)
         except ValueError:
-            raise _bad(
+            raise invalid(
                 f"Inference-Header-Content-Length {header_length!r} is not an integer"
             ) from None
         if not 0 < json_length <= len(body):
-            raise _bad(
+            raise invalid(
                 f"Inference-Header-Content-Length {json_length} does not fit a body of "
                 f"{len(body)} bytes"
             )
@@ -120,30 +116,30 @@ def parse_request(body: bytes, header_length: str | None) -> V2Request:
     try:
         document = json.loads(body[:json_length])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"malformed JSON in the inference request: {exc}") from None
+        raise invalid(f"malformed JSON in the inference request: {exc}") from None
     if not isinstance(document, dict):
-        raise _bad("the inference request must be a JSON object")
+        raise invalid("the inference request must be a JSON object")
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise _bad("'parameters' must be an object")
+        raise invalid("'parameters' must be an object")
     raw_inputs = document.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _bad("'inputs' must be a non-empty list")
+        raise invalid("'inputs' must be a non-empty list")
     binary = memoryview(body)[json_length:]
     offset = 0
     inputs: dict[str, tuple[str, npt.NDArray[Any]]] = {}
     for entry in raw_inputs:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise _bad("each input must be an object with a 'name'")
+            raise invalid("each input must be an object with a 'name'")
         name = entry["name"]
         datatype = _datatype(entry.get("datatype"), name)
         shape = _shape(entry.get("shape"), name)
         size = (entry.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0:
-                raise _bad(f"input {name!r}: binary_data_size must be a non-negative int")
+                raise invalid(f"input {name!r}: binary_data_size must be a non-negative int")
             if offset + size > len(binary):
-                raise _bad(
+                raise invalid(
                     f"input {name!r}: binary data truncated ({len(binary) - offset} of "
                     f"{size} bytes present)"
                 )
@@ -151,27 +147,29 @@ def parse_request(body: bytes, header_length: str | None) -> V2Request:
             offset += size
         else:
             if "data" not in entry:
-                raise _bad(f"input {name!r} has neither 'data' nor binary_data_size")
+                raise invalid(f"input {name!r} has neither 'data' nor binary_data_size")
             try:
                 array = np.asarray(entry["data"], dtype=DATATYPES[datatype]).reshape(shape)
             except (ValueError, TypeError, OverflowError) as exc:
-                raise _bad(f"input {name!r}: data does not match shape {shape}: {exc}") from None
+                raise invalid(f"input {name!r}: data does not match shape {shape}: {exc}") from None
         if name in inputs:
-            raise _bad(f"input {name!r} given twice")
+            raise invalid(f"input {name!r} given twice")
         inputs[name] = (datatype, array)
     if offset != len(binary):
-        raise _bad(f"{len(binary) - offset} bytes of binary data not claimed by any input")
+        raise invalid(f"{len(binary) - offset} bytes of binary data not claimed by any input")
     outputs = None
     raw_outputs = document.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in raw_outputs
         ):
-            raise _bad("'outputs' must be a list of objects with a 'name'")
+            raise invalid("'outputs' must be a list of objects with a 'name'")
         outputs = [(o["name"], (o.get("parameters") or {}).get("binary_data")) for o in raw_outputs]
     timeout = parameters.get("timeout")
     if timeout is not None and (not isinstance(timeout, int) or timeout < 0):
-        raise _bad(f"parameters.timeout must be a non-negative int (microseconds), got {timeout!r}")
+        raise invalid(
+            f"parameters.timeout must be a non-negative int (microseconds), got {timeout!r}"
+        )
     request_id = document.get("id")
     return V2Request(
         id=str(request_id) if request_id is not None else None,
