@@ -78,7 +78,7 @@ class Service:
         return self.model.encoder
 
     def tokenize(
-        self, texts: list[str] | list[tuple[str, str]], truncate: bool | None
+        self, texts: Sequence[str | tuple[str, str]], truncate: bool | None
     ) -> list[TokenizedText]:
         """Tokenise texts (``truncate`` None: ``--auto-truncate``), timing it in the metrics."""
         started = time.monotonic()

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ async def _health(call: Call) -> Response:
     return Response(status_code=200)
 
 
-def _predict_inputs(value: object) -> tuple[list[str] | list[tuple[str, str]], bool]:
+def _predict_inputs(value: object) -> tuple[Sequence[str | tuple[str, str]], bool]:
     """TEI's shapes: a text, a [text, text] pair, or a batch of texts / pairs."""
 
     def pair(v: object) -> bool:

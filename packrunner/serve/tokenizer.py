@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -118,7 +119,7 @@ class TextEncoder:
 
     def encode(
         self,
-        texts: list[str] | list[tuple[str, str]],
+        texts: Sequence[str | tuple[str, str]],
         *,
         truncate: bool,
         add_special_tokens: bool = True,

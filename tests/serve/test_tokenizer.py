@@ -34,7 +34,7 @@ def test_truncation_keeps_the_template_and_the_prefix(
     text = " ".join(words)
     item: str | tuple[str, str] = ("question", text) if pair else text
     full = TOKENIZER.encode(*((item,) if isinstance(item, str) else item)).ids
-    (truncated,) = encoder.encode([item], truncate=True)  # type: ignore[list-item]
+    (truncated,) = encoder.encode([item], truncate=True)
     assert len(truncated.ids) == min(len(full), limit)
     assert truncated.truncated == (len(full) > limit)
     assert truncated.ids[0] == 101 and truncated.ids[-1] == 102
@@ -42,10 +42,10 @@ def test_truncation_keeps_the_template_and_the_prefix(
     assert len(truncated.offsets) == len(truncated.special) == len(truncated.ids)
     if len(full) > limit:
         with pytest.raises(ServeError) as refused:
-            encoder.encode([item], truncate=False)  # type: ignore[list-item]
+            encoder.encode([item], truncate=False)
         assert refused.value.kind is ErrorKind.VALIDATION
     else:
-        assert encoder.encode([item], truncate=False)[0].ids == full  # type: ignore[list-item]
+        assert encoder.encode([item], truncate=False)[0].ids == full
 
 
 def test_empty_text_is_refused() -> None:
