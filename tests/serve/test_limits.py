@@ -340,3 +340,43 @@ def test_device_failure_is_500_and_internal_and_others_are_unaffected() -> None:
             client.infer("poison", [tensor])
         assert "INTERNAL" in str(internal.value.status())
         assert httpx.post(url, json=_v2([[1, 2, 3]]), timeout=30).status_code == 200
+
+
+def test_queue_bound_is_429_and_request_timeout_is_504() -> None:
+    """--max-queued-sequences (the runner's queue) and --request-timeout, the server default."""
+    device = GatedDevice(batch_size=1, seq_len=64)
+    device.gate.set()
+    model = ServedModel(
+        name="gated",
+        source="test",
+        device=device,
+        config=RunnerConfig(
+            batch_size=1, seq_len=64, max_valid_num=1, timeout_us=0, max_queue_size=1
+        ),
+        encoder=None,
+        outputs=dict(device.output_specs),
+        labels=(),
+    )
+    with ServerThread(settings(batch_size=1, request_timeout=0.2), model) as server:
+        assert device.entered.acquire(timeout=0)  # the warm-up batch's entry
+        device.gate.clear()
+        hooks = Gated(server, device)
+        url = f"{server.base_url}{INFER}"
+        with ThreadPoolExecutor(2) as pool:
+            # A batch on the device and one behind it (packed, or still the one queued
+            # sample); both outlive the 0.2 s default deadline while the gate is closed.
+            blocked = []
+            for i in (1, 2):
+                blocked.append(pool.submit(httpx.post, url, json=_v2([[i]]), timeout=30))
+                assert hooks.admitted.acquire(timeout=30)
+            # Two more sequences cannot both fit a one-sample queue: refused (any already
+            # queued sequence of the request is withdrawn with it).
+            full = httpx.post(url, json=_v2([[3, 4], [5, 6]]), timeout=30)
+            assert full.status_code == 429, full.text
+            assert "queue full" in full.json()["error"]
+            assert [b.result().status_code for b in blocked] == [504, 504]
+        device.gate.set()
+        assert server.server is not None
+        stats = server.server.engine.runner.stats()
+        assert stats.rejected_overloaded == 1
+        assert httpx.post(url, json=_v2([[7]]), timeout=30).status_code == 200
