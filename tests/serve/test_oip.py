@@ -6,9 +6,11 @@ same batch composition).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -42,14 +44,10 @@ def _padded(sequences: list[npt.NDArray[np.int64]]) -> tuple[npt.NDArray[Any], n
 
 
 async def _reference(runner: PackRunner, sequences: list[npt.NDArray[np.int64]]) -> list[Any]:
-    import asyncio
-
     return list(await asyncio.gather(*(runner.execute_async({"input_ids": s}) for s in sequences)))
 
 
 def _expected(runner: PackRunner, sequences: list[npt.NDArray[np.int64]]) -> dict[str, Any]:
-    import asyncio
-
     results = asyncio.run(_reference(runner, sequences))
     width = max(len(s) for s in sequences)
     out = {}
@@ -164,8 +162,6 @@ def test_negative_control_detects_a_wrong_answer(
 
 def test_grpc_timeout_parameter_and_typed_contents(served: ServerThread) -> None:
     """Typed contents in (not raw); raw_output_contents out; a generous deadline passes."""
-    import grpc
-
     channel = grpc.insecure_channel(served.grpc)
     request = service_pb2.ModelInferRequest(model_name=MODEL)
     tensor = request.inputs.add(name="input_ids", datatype="INT32", shape=[1, 4])
