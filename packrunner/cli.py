@@ -17,6 +17,7 @@ from packrunner.bench.compare import (
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device
 from packrunner.devices.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
+from packrunner.serve import cli as serve_cli
 
 if TYPE_CHECKING:
     from packrunner.models import Variant
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--repeats", type=int, default=3)
     compare.add_argument("--quiet", action="store_true", help="no per-run progress lines")
     compare.set_defaults(handler=_compare)
+    serve = commands.add_parser("serve", help="OIP (HTTP, gRPC), OpenAI and TEI inference server")
+    serve_cli.add_arguments(serve)
+    serve.set_defaults(handler=serve_cli.run)
     # These two own their argument parsers; they are listed here for --help and dispatched in
     # main() with the rest of the command line.
     commands.add_parser(

@@ -27,8 +27,8 @@ PYTHON = BIN / "python"
 # a dependency. torch is pinned in the `convert` extra to the CPU wheel this machine carries.
 EXTRAS = {
     "run": [],
-    "test": ["dev", "models", "convert", "bench", "metrics"],
-    "lint": ["dev", "models", "convert", "bench", "metrics"],
+    "test": ["dev", "models", "convert", "bench", "metrics", "serve"],
+    "lint": ["dev", "models", "convert", "bench", "metrics", "serve"],
 }
 
 

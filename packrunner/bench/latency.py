@@ -146,11 +146,14 @@ def open_loop(
     requests: int,
     seed: int = 0,
     on_request: Callable[[], None] | None = None,
+    finish: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[LatencySummary, npt.NDArray[np.float64]]:
     """Poisson arrivals at ``rate`` per second through ``execute_async``.
 
     Each request's latency counts from its *scheduled* arrival, so a client that falls behind
     schedule (a saturated host) shows up as latency instead of silently lowering the load.
+    ``finish`` (e.g. closing a network client) is awaited on the same loop after the last
+    request.
     """
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=requests))
@@ -182,6 +185,8 @@ def open_loop(
                 await asyncio.sleep(max(0.0, arrivals[index] - (loop.time() - start)))
         await asyncio.gather(*tasks)
         wall = loop.time() - start
+        if finish is not None:
+            await finish()
         return summarize(latencies, wall, errors=failures, offered_rate=rate), latencies
 
     return asyncio.run(run())

@@ -1,0 +1,221 @@
+"""The engine adapter: the only module of the service that talks to the PackRunner.
+
+It owns admission (``--max-concurrent-requests``: over it, 429 at once), readiness (ready only
+after a warm-up batch ran; not ready while draining), deadlines (``asyncio.timeout_at`` around
+the awaited results: expiry cancels the futures, which withdraws samples not yet packed) and the
+drain on shutdown. Several sequences of one request are submitted as separate samples and
+gathered; the first failure cancels the rest.
+
+The runner's device is wrapped in :class:`InstrumentedDevice` to observe each batch (device time,
+samples, token fill) for the metrics without touching the runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from packrunner.devices.base import Device, OutputSpec, TensorSpec
+from packrunner.errors import PackRunnerError
+from packrunner.runner import PackRunner, Result
+from packrunner.serve.errors import ErrorKind, ServeError, from_engine_error
+from packrunner.serve.metrics import ServeMetrics
+from packrunner.serve.model import ServedModel
+
+__all__ = ["Engine", "EngineState", "InstrumentedDevice"]
+
+
+class EngineState(enum.Enum):
+    """Lifecycle of the engine as health checks see it."""
+
+    STARTING = "starting"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class InstrumentedDevice(Device):
+    """Delegates to a device and records each batch in the metrics (on the worker thread)."""
+
+    def __init__(self, device: Device, metrics: ServeMetrics, mask_input: str) -> None:
+        self._device = device
+        self._metrics = metrics
+        self._mask_input = mask_input
+        #: (start, end) monotonic times of the last finished batch.
+        self.last_batch = (0.0, 0.0)
+
+    @property
+    def input_specs(self) -> Mapping[str, TensorSpec]:
+        return self._device.input_specs
+
+    @property
+    def output_specs(self) -> Mapping[str, OutputSpec]:
+        return self._device.output_specs
+
+    @property
+    def input_value_limits(self) -> Mapping[str, int]:
+        return self._device.input_value_limits
+
+    def open(self) -> None:
+        self._device.open()
+
+    def close(self) -> None:
+        self._device.close()
+
+    def run(
+        self, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        start = time.monotonic()
+        outputs = self._device.run(feeds)
+        end = time.monotonic()
+        self.last_batch = (start, end)
+        self._metrics.device_duration.observe(end - start)
+        mask = feeds.get(self._mask_input)
+        if mask is not None:
+            # Segment ids run 1..k in each row (0/1 for a padded mask): a row's maximum is the
+            # number of sequences in it.
+            self._metrics.batch_samples.observe(int(mask.max(axis=1).sum()))
+            self._metrics.batch_token_fill.observe(np.count_nonzero(mask) / mask.size)
+        return outputs
+
+
+class Engine:
+    """Runs requests' sequences on a PackRunner with admission, deadlines and readiness.
+
+    Args:
+        model: The served model (its device and runner config).
+        metrics: Where batches, queue time and rejections are recorded.
+        max_concurrent_requests: Requests admitted at once.
+    """
+
+    def __init__(
+        self, model: ServedModel, metrics: ServeMetrics, *, max_concurrent_requests: int
+    ) -> None:
+        self._device = InstrumentedDevice(model.device, metrics, model.config.mask_input_name)
+        self._runner = PackRunner(self._device, model.config)
+        self._metrics = metrics
+        self._max_concurrent = max_concurrent_requests
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self.state = EngineState.STARTING
+        metrics.watch_runner(self._runner)
+        metrics.watch_in_flight(lambda: self._in_flight)
+
+    @property
+    def runner(self) -> PackRunner:
+        """The runner (for statistics)."""
+        return self._runner
+
+    @property
+    def ready(self) -> bool:
+        """Whether inference requests are accepted."""
+        return self.state is EngineState.READY
+
+    async def start(self) -> None:
+        """Start the runner and run one full batch before reporting ready."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        await asyncio.to_thread(self._runner.start)
+        self.state = EngineState.WARMING
+        config = self._runner.config
+        # Enough full-length sequences to fill every row of one batch: the device sees its
+        # real shape once (allocations, kernel selection) before the first client does.
+        warmup = [{config.dynamic_input_name: np.zeros(config.seq_len, np.int32)}] * max(
+            1, min(config.batch_size, config.max_valid_num)
+        )
+        await self.run(warmup, None)
+        self.state = EngineState.READY
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one of ``max_concurrent_requests`` slots for a request.
+
+        Raises:
+            ServeError: UNAVAILABLE while not ready (warming, draining), OVERLOADED when full.
+        """
+        if self.state is not EngineState.READY:
+            self._metrics.rejected.labels("unavailable").inc()
+            raise ServeError(
+                ErrorKind.UNAVAILABLE, f"server is {self.state.value}", retry_after_s=1
+            )
+        if self._in_flight >= self._max_concurrent:
+            self._metrics.rejected.labels("overloaded").inc()
+            raise ServeError(
+                ErrorKind.OVERLOADED,
+                f"model is overloaded: {self._in_flight} requests in flight "
+                f"(max_concurrent_requests={self._max_concurrent})",
+                retry_after_s=1,
+            )
+        assert self._idle is not None
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def run(
+        self, samples: Sequence[Mapping[str, Any]], deadline: float | None
+    ) -> list[Result]:
+        """Run one request's sequences; ``deadline`` is absolute on the loop's clock.
+
+        Raises:
+            ServeError: VALIDATION (a bad sequence), OVERLOADED (queue full), DEADLINE,
+                BACKEND (the device failed), UNAVAILABLE (closing).
+        """
+        submitted = time.monotonic()
+        futures: list[asyncio.Future[Result]] = []
+        try:
+            try:
+                for sample in samples:
+                    # One at a time (not extend): the futures of samples already queued must
+                    # be known if a later submit fails, to withdraw them.
+                    futures.append(self._runner.execute_async(sample))  # noqa: PERF401
+                async with asyncio.timeout_at(deadline):
+                    results = await asyncio.gather(*futures)
+            except TimeoutError:
+                self._metrics.timed_out.inc()
+                raise ServeError(
+                    ErrorKind.DEADLINE, "deadline exceeded before the results were ready"
+                ) from None
+            except PackRunnerError as exc:
+                raise from_engine_error(exc) from exc
+        finally:
+            # On any failure or cancellation (client gone, deadline): withdraw what is unpacked.
+            for future in futures:
+                future.cancel()
+        batch_start, _ = self._device.last_batch
+        self._metrics.queue_duration.observe(max(0.0, batch_start - submitted))
+        return results
+
+    def begin_drain(self) -> None:
+        """Stop admitting (new requests get UNAVAILABLE) and report not ready."""
+        if self.state is not EngineState.STOPPED:
+            self.state = EngineState.DRAINING
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting; wait up to ``grace_s`` for admitted requests. True if all ended."""
+        self.begin_drain()
+        if self._idle is None:
+            return True
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop the runner (samples still queued fail with UNAVAILABLE)."""
+        self.state = EngineState.STOPPED
+        await self._runner.aclose(drain=False)
