@@ -1,10 +1,10 @@
 """The engine adapter: the only module of the service that talks to the PackRunner.
 
-It owns admission (``--max-concurrent-requests``: over it, 429 at once), readiness (ready only
-after a warm-up batch ran; not ready while draining), deadlines (``asyncio.timeout_at`` around
-the awaited results: expiry cancels the futures, which withdraws samples not yet packed) and the
-drain on shutdown. Several sequences of one request are submitted as separate samples and
-gathered; the first failure cancels the rest.
+It owns admission (``--max-concurrent-requests``: over it, 429 at once), readiness (the runner's
+warm-up ran one full batch, the runner is healthy, and the service is not draining), deadlines
+(passed to the runner per sample, which withdraws samples not yet packed and discards results
+packed too late) and the drain on shutdown. Several sequences of one request are submitted as
+separate samples and gathered; the first failure cancels the rest.
 
 The runner's device is wrapped in :class:`InstrumentedDevice` to observe each batch (device time,
 samples, token fill) for the metrics without touching the runner.
@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner.devices.base import Device, OutputSpec, TensorSpec
-from packrunner.errors import PackRunnerError
+from packrunner.errors import PackRunnerError, RequestTimeoutError
 from packrunner.runner import PackRunner, Result
 from packrunner.serve.errors import ErrorKind, ServeError, from_engine_error
 from packrunner.serve.metrics import ServeMetrics
@@ -115,23 +115,26 @@ class Engine:
         return self._runner
 
     @property
-    def ready(self) -> bool:
-        """Whether inference requests are accepted."""
+    def accepting(self) -> bool:
+        """Whether inference requests are admitted (warmed up and not draining)."""
         return self.state is EngineState.READY
 
+    @property
+    def ready(self) -> bool:
+        """Readiness: admitting requests and the runner healthy (warmed up, not degraded).
+
+        A degraded runner (its last batch failed or timed out) still admits requests, since
+        only a successful batch restores it; readiness tells load balancers to look elsewhere.
+        """
+        return self.accepting and self._runner.health().ready
+
     async def start(self) -> None:
-        """Start the runner and run one full batch before reporting ready."""
+        """Start the runner and run one full batch (the runner's warm-up) before reporting ready."""
         self._idle = asyncio.Event()
         self._idle.set()
         await asyncio.to_thread(self._runner.start)
         self.state = EngineState.WARMING
-        config = self._runner.config
-        # Enough full-length sequences to fill every row of one batch: the device sees its
-        # real shape once (allocations, kernel selection) before the first client does.
-        warmup = [{config.dynamic_input_name: np.zeros(config.seq_len, np.int32)}] * max(
-            1, min(config.batch_size, config.max_valid_num)
-        )
-        await self.run(warmup, None)
+        await self._runner.warmup_async()
         self.state = EngineState.READY
 
     @contextlib.contextmanager
@@ -141,7 +144,7 @@ class Engine:
         Raises:
             ServeError: UNAVAILABLE while not ready (warming, draining), OVERLOADED when full.
         """
-        if self.state is not EngineState.READY:
+        if not self.accepting:
             self._metrics.rejected.labels("unavailable").inc()
             raise ServeError(
                 ErrorKind.UNAVAILABLE, f"server is {self.state.value}", retry_after_s=1
@@ -174,24 +177,25 @@ class Engine:
                 BACKEND (the device failed), UNAVAILABLE (closing).
         """
         submitted = time.monotonic()
+        loop = asyncio.get_running_loop()
+        # The runner owns deadlines (one timer per request on its engine loop): a sample whose
+        # deadline passes before packing is withdrawn, after packing its result is discarded,
+        # and either way the future fails with RequestTimeoutError.
+        timeout = None if deadline is None else max(0.0, deadline - loop.time())
         futures: list[asyncio.Future[Result]] = []
         try:
             try:
                 for sample in samples:
                     # One at a time (not extend): the futures of samples already queued must
                     # be known if a later submit fails, to withdraw them.
-                    futures.append(self._runner.execute_async(sample))  # noqa: PERF401
-                async with asyncio.timeout_at(deadline):
-                    results = await asyncio.gather(*futures)
-            except TimeoutError:
-                self._metrics.timed_out.inc()
-                raise ServeError(
-                    ErrorKind.DEADLINE, "deadline exceeded before the results were ready"
-                ) from None
+                    futures.append(self._runner.execute_async(sample, timeout=timeout))  # noqa: PERF401
+                results = await asyncio.gather(*futures)
             except PackRunnerError as exc:
+                if isinstance(exc, RequestTimeoutError):
+                    self._metrics.timed_out.inc()
                 raise from_engine_error(exc) from exc
         finally:
-            # On any failure or cancellation (client gone, deadline): withdraw what is unpacked.
+            # On any failure or cancellation (client gone): withdraw what is unpacked.
             for future in futures:
                 future.cancel()
         batch_start, _ = self._device.last_batch
