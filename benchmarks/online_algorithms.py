@@ -1,7 +1,7 @@
-"""Online packing algorithms side by side on SimulatedDevice (the seed's IPU timing, 8.6 ms/batch).
+"""Online packing algorithms side by side on SimulatedDevice (PopRT's IPU timing, 8.6 ms/batch).
 
 Prints, for padded, next_fit, first_fit and packrunner's default (lookahead), the deterministic
-samples per [16, 256] batch when the whole seed dataset is queued before the first batch forms
+samples per [16, 256] batch when the whole PopRT dataset is queued before the first batch forms
 (n = 1600 and 16000), then the measured online throughput through ``execute_async`` with each
 algorithm's ratio to padded (median of interleaved repeats).
 
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from packrunner import PackAlgorithm, RunnerConfig, SimulatedDevice, plan_batch
-from packrunner.bench.compare import compare_algorithms, format_comparison, seed_dataset
+from packrunner.bench.compare import compare_algorithms, format_comparison, poprt_dataset
 
 ALGORITHMS = [
     PackAlgorithm.PADDED,
@@ -44,17 +44,17 @@ def main() -> int:
     parser.add_argument("--batch-latency-us", type=int, default=8_600)
     args = parser.parse_args()
 
-    print("Samples per [16, 256] batch, whole seed dataset queued (token limit 32.07):")
+    print("Samples per [16, 256] batch, whole PopRT dataset queued (token limit 32.07):")
     print(f"{'algorithm':<11} {'n=1600':>8} {'n=16000':>8}")
     for algorithm in ALGORITHMS:
         row = [
-            queued_samples_per_batch([len(s["input_ids"]) for s in seed_dataset(n)], algorithm)
+            queued_samples_per_batch([len(s["input_ids"]) for s in poprt_dataset(n)], algorithm)
             for n in (1600, 16000)
         ]
         print(f"{algorithm.value:<11} {row[0]:>8.2f} {row[1]:>8.2f}")
     print()
 
-    samples = seed_dataset(args.iterations * 16)
+    samples = poprt_dataset(args.iterations * 16)
 
     def device(algorithm: PackAlgorithm) -> SimulatedDevice:
         mode = "unpack_repack" if algorithm is PackAlgorithm.STREAM else "attention_mask"

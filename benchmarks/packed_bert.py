@@ -1,6 +1,6 @@
-"""The seed's packed_bert_example.py, complete: ``python -m benchmarks.packed_bert [flags]``.
+"""PopRT's packed_bert_example.py, complete: ``python -m benchmarks.packed_bert [flags]``.
 
-Same as ``packrunner bench``; see ``packrunner bench --help`` for the flags (the seed's names).
+Same as ``packrunner bench``; see ``packrunner bench --help`` for the flags (PopRT's names).
 """
 
 from __future__ import annotations

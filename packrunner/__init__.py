@@ -11,7 +11,7 @@ from __future__ import annotations
 from packrunner._version import __version__
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices import (
-    SEED_IPU_BATCH_LATENCY_US,
+    POPRT_IPU_BATCH_LATENCY_US,
     Device,
     OnnxDevice,
     OutputLayout,
@@ -57,7 +57,7 @@ __all__ = [
     "RunnerConfig",
     "RunnerNotStartedError",
     "RunnerStats",
-    "SEED_IPU_BATCH_LATENCY_US",
+    "POPRT_IPU_BATCH_LATENCY_US",
     "SimulatedDevice",
     "TensorSpec",
     "__version__",

@@ -12,11 +12,11 @@ from packrunner.bench.compare import (
     compare_algorithms,
     format_accuracy,
     format_comparison,
-    seed_dataset,
+    poprt_dataset,
 )
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device
-from packrunner.devices.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
+from packrunner.devices.simulated import POPRT_IPU_BATCH_LATENCY_US, SimulatedDevice
 
 if TYPE_CHECKING:
     from packrunner.models import Variant
@@ -87,7 +87,7 @@ def _device_factory(args: argparse.Namespace) -> tuple[str, object]:
 
 def _compare(args: argparse.Namespace) -> int:
     algorithms = [PackAlgorithm(name) for name in args.algorithms.split(",")]
-    samples = seed_dataset(
+    samples = poprt_dataset(
         args.iterations * args.batch_size,
         avg_seq_len=args.avg_seq_len,
         max_seq_len=args.max_seq_len,
@@ -101,7 +101,7 @@ def _compare(args: argparse.Namespace) -> int:
     )
     description, factory = _device_factory(args)
     title = (
-        f"{description}, [{args.batch_size}, {args.max_seq_len}], {len(samples)} seed samples, "
+        f"{description}, [{args.batch_size}, {args.max_seq_len}], {len(samples)} samples of PopRT's synthetic distribution, "
         f"timeout {args.timeout_microseconds} us, median of {args.repeats} interleaved runs"
     )
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr))
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     compare = commands.add_parser(
         "compare",
-        help="online packed vs padded throughput and accuracy on the seed's synthetic data",
+        help="online packed vs padded throughput and accuracy on PopRT's synthetic data",
     )
     compare.add_argument(
         "--device",
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--unpack-repack-model", help="unpack/repack ONNX model for stream")
     compare.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     compare.add_argument(
-        "--iterations", type=int, default=100, help="batches' worth of samples (the seed's 100)"
+        "--iterations", type=int, default=100, help="batches' worth of samples (PopRT's 100)"
     )
     compare.add_argument("--batch_size", "--batch-size", type=int, default=16)
     compare.add_argument("--max_seq_len", "--max-seq-len", type=int, default=256)
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_latency_us",
         "--batch-latency-us",
         type=int,
-        default=SEED_IPU_BATCH_LATENCY_US,
+        default=POPRT_IPU_BATCH_LATENCY_US,
         help="SimulatedDevice batch latency",
     )
     compare.add_argument("--algorithms", default=DEFAULT_ALGORITHMS)
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     # main() with the rest of the command line.
     commands.add_parser(
         "bench",
-        help="the seed's packed-BERT example, complete: every mode, latency, peer, plots",
+        help="PopRT's packed-BERT example, complete: every mode, latency, peer, plots",
         add_help=False,
     )
     commands.add_parser(

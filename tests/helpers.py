@@ -14,9 +14,9 @@ from packrunner import SimulatedDevice, simulated_reference
 VOCAB = 30522
 
 
-def seed_lengths(n: int, *, avg: int = 128, max_len: int = 256, seed: int = 2023) -> list[int]:
-    """The seed's synthetic length distribution."""
-    # The seed uses the legacy global generator; RandomState(seed) replays the same stream.
+def poprt_lengths(n: int, *, avg: int = 128, max_len: int = 256, seed: int = 2023) -> list[int]:
+    """PopRT's synthetic length distribution."""
+    # PopRT's example uses the legacy global generator; RandomState(seed) replays the same stream.
     legacy = np.random.RandomState(seed)
     lengths = np.clip(legacy.normal(avg, avg, size=n).astype(np.int32), 1, max_len)
     return [int(x) for x in lengths]

@@ -24,11 +24,11 @@ from packrunner import (
     RunnerConfig,
 )
 from packrunner.bench.accuracy import compare_results
-from packrunner.bench.compare import seed_dataset
+from packrunner.bench.compare import poprt_dataset
 from packrunner.devices.onnx import OnnxDevice
 from packrunner.models import default_model_path
 
-SAMPLES = seed_dataset(160)  # the seed's generator: ids in [0, 30522), types 0/1
+SAMPLES = poprt_dataset(160)  # PopRT's generator: ids in [0, 30522), types 0/1
 LENGTHS = [len(s["input_ids"]) for s in SAMPLES]
 
 

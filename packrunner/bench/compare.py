@@ -1,6 +1,6 @@
 """Building blocks shared by ``packrunner compare``/``bench`` and ``benchmarks/``.
 
-The seed's synthetic dataset, an online throughput measurement through the public API, and
+PopRT's synthetic dataset, an online throughput measurement through the public API, and
 interleaved repeats summarised by medians and ratios (the machines are shared and noisy: never
 compare single runs).
 """
@@ -25,37 +25,37 @@ from packrunner.runner import PackRunner, Result
 __all__ = [
     "AlgorithmSummary",
     "OnlineRun",
-    "SeedSample",
+    "PoprtSample",
     "compare_algorithms",
     "format_accuracy",
     "format_comparison",
     "measure_online",
-    "seed_dataset",
+    "poprt_dataset",
 ]
 
-SeedSample = dict[str, npt.NDArray[np.int32]]
+PoprtSample = dict[str, npt.NDArray[np.int32]]
 
 
-def seed_dataset(
+def poprt_dataset(
     n: int,
     *,
     avg_seq_len: int = 128,
     max_seq_len: int = 256,
     emb_size: int = 30522,
     seed: int = 2023,
-) -> list[SeedSample]:
-    """The seed's ``get_synthetic_data``: same generator, same calls, same order, same values.
+) -> list[PoprtSample]:
+    """PopRT's ``get_synthetic_data``: same generator, same calls, same order, same values.
 
     Lengths are ``clip(int32(normal(avg, avg)), 1, max)``; each sample then draws its
     ``input_ids`` in ``[0, emb_size)`` and its ``token_type_ids`` in ``{0, 1}``.
     """
-    # The seed seeds numpy's legacy global generator; RandomState replays the same stream
+    # PopRT's example seeds numpy's legacy global generator; RandomState replays the same stream
     # without touching global state.
     legacy = np.random.RandomState(seed)
     lengths = np.clip(
         legacy.normal(avg_seq_len, avg_seq_len, size=n).astype(np.int32), 1, max_seq_len
     )
-    samples: list[SeedSample] = []
+    samples: list[PoprtSample] = []
     for length in lengths:
         input_ids = legacy.randint(0, emb_size, (length,)).astype(np.int32)
         token_type_ids = legacy.randint(0, 2, (length,)).astype(np.int32)
@@ -87,18 +87,18 @@ class OnlineRun:
 def measure_online(
     device_factory: Callable[[], Device | Sequence[Device]],
     config: RunnerConfig,
-    samples: Sequence[SeedSample],
+    samples: Sequence[PoprtSample],
     *,
     keep_results: bool = False,
 ) -> OnlineRun:
-    """Submit every sample at once (the seed's online mode) and time until all are back."""
+    """Submit every sample at once (PopRT's online mode) and time until all are back."""
 
     async def run() -> OnlineRun:
         async with PackRunner(device_factory(), config) as runner:
             # More samples than the queue holds are fed as slots free up, never rejected.
             slots = asyncio.Semaphore(config.max_queue_size)
 
-            async def one(sample: SeedSample) -> Result:
+            async def one(sample: PoprtSample) -> Result:
                 async with slots:
                     return await runner.execute_async(sample)
 
@@ -146,7 +146,7 @@ class AlgorithmSummary:
 def compare_algorithms(
     device_factory: Callable[[PackAlgorithm], Device | Sequence[Device]],
     base_config: RunnerConfig,
-    samples: Sequence[SeedSample],
+    samples: Sequence[PoprtSample],
     algorithms: Sequence[PackAlgorithm],
     *,
     repeats: int = 3,

@@ -1,9 +1,9 @@
-"""``packrunner bench``: the seed's ``packed_bert_example.py``, complete and measured honestly.
+"""``packrunner bench``: PopRT's ``packed_bert_example.py``, complete and measured honestly.
 
 One run: Original (padded), offline packing (attention mask; unpack/repack), online packing
 (unpack/repack; attention mask first_fit, next_fit and our lookahead), the ``batched`` peer on
-the same device, the seed's closed-loop latency test, an open-loop (Poisson) sweep of offered
-load, and the seed's MAE comparisons. Throughput modes run ``--repeats`` interleaved rounds;
+the same device, PopRT's closed-loop latency test, an open-loop (Poisson) sweep of offered
+load, and PopRT's MAE comparisons. Throughput modes run ``--repeats`` interleaved rounds;
 tables show medians and ratios measured side by side.
 """
 
@@ -27,15 +27,15 @@ import numpy.typing as npt
 
 from packrunner._version import __version__
 from packrunner.bench.accuracy import compare_results
-from packrunner.bench.compare import seed_dataset
+from packrunner.bench.compare import poprt_dataset
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device
-from packrunner.devices.simulated import SEED_IPU_BATCH_LATENCY_US, SimulatedDevice
+from packrunner.devices.simulated import POPRT_IPU_BATCH_LATENCY_US, SimulatedDevice
 from packrunner.runner import PackRunner
 
 __all__ = ["build_parser", "main", "run_bench"]
 
-OUTPUTS = ("end_logits", "start_logits")  # the seed's OUTPUT1, OUTPUT2 order in its CSVs
+OUTPUTS = ("end_logits", "start_logits")  # PopRT's OUTPUT1, OUTPUT2 order in its CSVs
 
 
 @dataclass
@@ -58,9 +58,9 @@ class ModeResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags of the seed's example (same names and defaults) plus ours."""
+    """Flags of PopRT's example (same names and defaults) plus ours."""
     parser = argparse.ArgumentParser(prog="packrunner bench", description=__doc__)
-    seed = parser.add_argument_group("the seed's flags")
+    seed = parser.add_argument_group("PopRT's flags")
     seed.add_argument("--avg_seq_len", type=int, default=128, help="average sequence length")
     seed.add_argument("--batch_size", type=int, default=16, help="batch size of model")
     seed.add_argument("--dump_results", action="store_true", help="dump results (CSV per mode)")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--model", help="packed (segment-id mask) ONNX model; default: ours")
     ours.add_argument("--padded_model", "--padded-model", help="padded twin ONNX model")
     ours.add_argument("--unpack_repack_model", "--unpack-repack-model", help="unpack/repack model")
-    ours.add_argument("--batch_latency_us", type=int, default=SEED_IPU_BATCH_LATENCY_US)
+    ours.add_argument("--batch_latency_us", type=int, default=POPRT_IPU_BATCH_LATENCY_US)
     ours.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     ours.add_argument("--repeats", type=int, default=3, help="interleaved rounds per mode")
     ours.add_argument("--clients", type=int, default=None, help="closed loop: default 3.5 x batch")
@@ -202,7 +202,7 @@ def run_bench(
     from packrunner.bench.latency import closed_loop, open_loop
     from packrunner.bench.offline import plan_dataset, run_offline
     from packrunner.bench.report import (
-        SEED_IPU_SAMPLES_PER_S,
+        POPRT_IPU_SAMPLES_PER_S,
         dump_results_csv,
         plot_all,
         write_json,
@@ -213,7 +213,7 @@ def run_bench(
     results_dir.mkdir(parents=True, exist_ok=True)
     devices = _Devices(args)
     dataset_size = args.iterations * args.batch_size
-    samples = seed_dataset(
+    samples = poprt_dataset(
         dataset_size,
         avg_seq_len=args.avg_seq_len,
         max_seq_len=args.max_seq_len,
@@ -291,7 +291,7 @@ def run_bench(
     }
     host: dict[str, float] | None = None
     if args.device == "sim":
-        host_samples = seed_dataset(max(dataset_size, 16_000), emb_size=args.emb_size)
+        host_samples = poprt_dataset(max(dataset_size, 16_000), emb_size=args.emb_size)
         host_runs = [
             _run_online(
                 devices.make("packed", latency_us=0),
@@ -303,7 +303,7 @@ def run_bench(
         ]
         host = {"samples_per_s": statistics.median(host_runs), "samples": len(host_samples)}
 
-    # --- latency: the seed's closed loop, and an open-loop sweep -------------------------------
+    # --- latency: PopRT's closed loop, and an open-loop sweep -------------------------------
     clients = args.clients or int(args.batch_size * 3.5)
     per_client = args.requests_per_client or max(20, 4 * dataset_size // clients)
     latency_targets = ["online_padded", "online_lookahead"] + (
@@ -350,7 +350,7 @@ def run_bench(
                     points.append(point.as_dict())
                 sweep[name] = points
 
-    # --- accuracy: the seed's comparisons, plus ours ------------------------------------------
+    # --- accuracy: PopRT's comparisons, plus ours ------------------------------------------
     comparisons = [
         ("original", "online_unpack_repack"),
         ("offline_unpack_repack", "online_unpack_repack"),
@@ -405,7 +405,7 @@ def run_bench(
                     m.median / (m.samples_per_batch / (nominal_ms / 1e3)) if nominal_ms else None
                 ),
                 "pack_us_per_sample": m.pack_us_per_sample,
-                "seed_ipu_samples_per_s": SEED_IPU_SAMPLES_PER_S.get(name),
+                "poprt_ipu_samples_per_s": POPRT_IPU_SAMPLES_PER_S.get(name),
             }
             for name, m in modes.items()
         },
@@ -528,7 +528,7 @@ def _print_report(
             f"{m['samples_per_batch']:.2f}",
             f"{m['device_busy_fraction']:.0%}" if m["device_busy_fraction"] is not None else "-",
             f"{m['batch_ms_median']:.1f}" if m["batch_ms_median"] is not None else "-",
-            f"{m['seed_ipu_samples_per_s']:.0f}" if m["seed_ipu_samples_per_s"] else "-",
+            f"{m['poprt_ipu_samples_per_s']:.0f}" if m["poprt_ipu_samples_per_s"] else "-",
         )
     console.print(table)
     modes = payload["modes"]
@@ -558,7 +558,7 @@ def _print_report(
         )
 
     latency = Table(
-        title=f"Closed loop (the seed's): {payload['closed_loop']['clients']} client threads"
+        title=f"Closed loop (PopRT's): {payload['closed_loop']['clients']} client threads"
     )
     for column in ("target", "samples/s", "avg ms", "p50", "p90", "p99", "p99.9", "max", "errors"):
         latency.add_column(column, justify="right" if column != "target" else "left")

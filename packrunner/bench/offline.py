@@ -1,6 +1,6 @@
 """Offline runs: the whole dataset packed (or padded) up front, then run batch after batch.
 
-This is the seed's "Original" and "Offline pack" path: packing time is reported separately,
+This is PopRT's "Original" and "Offline pack" path: packing time is reported separately,
 throughput counts device execution and unpacking only.
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
-    "SEED_IPU_SAMPLES_PER_S",
+    "POPRT_IPU_SAMPLES_PER_S",
     "dump_results_csv",
     "plot_all",
     "write_json",
@@ -20,7 +20,7 @@ __all__ = [
 
 #: PopRT's published figures (BERT-base SQuAD, [16, 256], IPU, fp16): context, not comparable
 #: hardware. From graphcore/PopRT examples/packed_bert_example/README.md and the packing docs.
-SEED_IPU_SAMPLES_PER_S: dict[str, float] = {
+POPRT_IPU_SAMPLES_PER_S: dict[str, float] = {
     "original": 1860.98,
     "offline_unpack_repack": 2542.82,
     "online_unpack_repack": 2857.60,
@@ -33,9 +33,9 @@ SEED_IPU_SAMPLES_PER_S: dict[str, float] = {
 def dump_results_csv(
     path: Path, results: Sequence[Mapping[str, Any]], names: Sequence[str]
 ) -> None:
-    """The seed's ``dump_results`` format: one row per sample, one list-valued cell per output.
+    """PopRT's ``dump_results`` format: one row per sample, one list-valued cell per output.
 
-    Like the seed, rows have no header and each cell is the Python list of that output's values
+    Like PopRT's example, rows have no header and each cell is the Python list of that output's values
     (here over the sample's valid tokens).
     """
     with path.open("w", newline="") as handle:

@@ -22,10 +22,10 @@ import numpy.typing as npt
 
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 
-__all__ = ["SEED_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
+__all__ = ["POPRT_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
 
-#: The seed's IPU runs 16 padded bert-base samples at 1861 samples/s: 8.6 ms per batch.
-SEED_IPU_BATCH_LATENCY_US = 8_600
+#: PopRT's IPU runs 16 padded bert-base samples at 1861 samples/s: 8.6 ms per batch.
+POPRT_IPU_BATCH_LATENCY_US = 8_600
 
 OUTPUT_NAMES = ("start_logits", "end_logits")
 
@@ -85,7 +85,7 @@ class SimulatedDevice(Device):
     Args:
         batch_size: Compiled rows.
         seq_len: Compiled tokens per row.
-        batch_latency_us: Wall time one batch takes (default: the seed's IPU, 8.6 ms).
+        batch_latency_us: Wall time one batch takes (default: PopRT's IPU, 8.6 ms).
         mode: ``"attention_mask"`` (inputs ``input_ids``, ``token_type_ids``, ``position_ids``,
             ``attention_mask`` with segment ids; outputs ``[batch_size, seq_len]``) or
             ``"unpack_repack"`` (``attention_mask`` replaced by ``unpack_info``
@@ -103,7 +103,7 @@ class SimulatedDevice(Device):
         *,
         batch_size: int = 16,
         seq_len: int = 256,
-        batch_latency_us: int = SEED_IPU_BATCH_LATENCY_US,
+        batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US,
         mode: str = "attention_mask",
         max_valid_num: int = 40,
     ) -> None:

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from packrunner.bench.accuracy import compare_results
-from packrunner.bench.compare import seed_dataset
+from packrunner.bench.compare import poprt_dataset
 from packrunner.bench.latency import percentile, summarize
 from packrunner.bench.report import dump_results_csv
 from packrunner.cli import main as cli_main
 
 
-def seed_get_synthetic_data(dataset_size, avg_seq_len=128, max_seq_len=256, emb_size=30522):
-    """The seed's generator, verbatim apart from names (it seeds the global generator)."""
+def poprt_get_synthetic_data(dataset_size, avg_seq_len=128, max_seq_len=256, emb_size=30522):
+    """PopRT's generator, verbatim apart from names (it seeds the global generator)."""
     np.random.seed(2023)  # noqa: NPY002
     input_len = np.random.normal(avg_seq_len, avg_seq_len, size=dataset_size).astype(np.int32)  # noqa: NPY002
     input_len = np.clip(input_len, 1, max_seq_len)
@@ -31,14 +31,14 @@ def seed_get_synthetic_data(dataset_size, avg_seq_len=128, max_seq_len=256, emb_
 
 
 @pytest.mark.parametrize(("n", "avg", "emb"), [(1600, 128, 30522), (50, 64, 1000)])
-def test_dataset_generator_matches_the_seed(n, avg, emb):
-    ours = seed_dataset(n, avg_seq_len=avg, emb_size=emb)
-    theirs = seed_get_synthetic_data(n, avg_seq_len=avg, emb_size=emb)
+def test_dataset_generator_matches_poprt(n, avg, emb):
+    ours = poprt_dataset(n, avg_seq_len=avg, emb_size=emb)
+    theirs = poprt_get_synthetic_data(n, avg_seq_len=avg, emb_size=emb)
     assert len(ours) == len(theirs)
     for sample, (ids, types) in zip(ours, theirs, strict=True):
         np.testing.assert_array_equal(sample["input_ids"], ids)
         np.testing.assert_array_equal(sample["token_type_ids"], types)
-    lengths = [len(s["input_ids"]) for s in seed_dataset(1600)]
+    lengths = [len(s["input_ids"]) for s in poprt_dataset(1600)]
     assert np.mean(lengths) == pytest.approx(127.807, abs=1e-3)  # published simulation figure
 
 
@@ -59,7 +59,7 @@ def test_percentile_is_nearest_rank():
     assert summary.max_ms == pytest.approx(4.0)
 
 
-def test_mae_matches_the_seeds_definition_over_valid_lengths():
+def test_mae_matches_poprt_definition_over_valid_lengths():
     expected = [{"x": np.array([1.0, 2.0, 3.0, 9.0])}, {"x": np.array([0.0, 0.0])}]
     actual = [{"x": np.array([1.5, 2.0, 2.0, -50.0])}, {"x": np.array([1.0, -1.0])}]
     report = compare_results(expected, actual, lengths=[3, 2])
@@ -71,7 +71,7 @@ def test_mae_matches_the_seeds_definition_over_valid_lengths():
         compare_results(expected, actual[:1])
 
 
-def test_dump_results_format_matches_the_seed(tmp_path):
+def test_dump_results_format_matches_poprt(tmp_path):
     path = tmp_path / "out.csv"
     results = [
         {
@@ -83,7 +83,7 @@ def test_dump_results_format_matches_the_seed(tmp_path):
     dump_results_csv(path, results, ["end_logits", "start_logits"])
     with path.open() as handle:
         rows = list(csv.reader(handle))
-    assert rows == [["[2.0, 3.0]", "[0.5, 1.0]"], ["[5.0]", "[4.0]"]]  # no header, like the seed
+    assert rows == [["[2.0, 3.0]", "[0.5, 1.0]"], ["[5.0]", "[4.0]"]]  # no header, like PopRT's example
 
 
 def test_packrunner_bench_end_to_end(tmp_path, capsys, monkeypatch):
