@@ -14,14 +14,6 @@ from packrunner import SimulatedDevice, simulated_reference
 VOCAB = 30522
 
 
-def poprt_lengths(n: int, *, avg: int = 128, max_len: int = 256, seed: int = 2023) -> list[int]:
-    """PopRT's synthetic length distribution."""
-    # PopRT's example uses the legacy global generator; RandomState(seed) replays the same stream.
-    legacy = np.random.RandomState(seed)
-    lengths = np.clip(legacy.normal(avg, avg, size=n).astype(np.int32), 1, max_len)
-    return [int(x) for x in lengths]
-
-
 def make_sample(rng: np.random.Generator, length: int) -> dict[str, npt.NDArray[np.int32]]:
     return {
         "input_ids": rng.integers(0, VOCAB, length, dtype=np.int32),

@@ -24,7 +24,7 @@ from packrunner import (
     RunnerConfig,
 )
 from packrunner.bench.accuracy import compare_results
-from packrunner.bench.compare import poprt_dataset
+from packrunner.bench.dataset import poprt_dataset
 from packrunner.devices.onnx import OnnxDevice
 from packrunner.models import default_model_path
 

@@ -14,7 +14,8 @@ from packrunner import (
     plan_batch,
     unpack_outputs,
 )
-from tests.helpers import reference, poprt_lengths
+from packrunner.bench.dataset import poprt_lengths
+from tests.helpers import reference
 
 ROWS, SEQ, CAP = 16, 256, 40
 ROW_ALGORITHMS = [
@@ -134,7 +135,8 @@ def test_poprt_algorithms_match_published_simulation(algorithm, n1600, n16000):
 
 
 def test_lookahead_reaches_the_reference_distribution_target():
-    """Floor: >= 31.5 samples per [16, 256] batch on 16000 samples of PopRT's synthetic distribution (limit 32.07)."""
+    """Floor: >= 31.5 samples per [16, 256] batch on 16000 reference-distribution samples
+    (limit 32.07)."""
     spb_16000 = samples_per_batch(poprt_lengths(16000), PackAlgorithm.LOOKAHEAD)
     spb_1600 = samples_per_batch(poprt_lengths(1600), PackAlgorithm.LOOKAHEAD)
     assert spb_16000 >= 31.5

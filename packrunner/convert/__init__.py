@@ -8,10 +8,8 @@ from __future__ import annotations
 from packrunner.convert._converter import (
     PACKED_INPUT_NAMES,
     AttentionMode,
-    build_parser,
     convert_file,
     convert_to_packed,
-    main,
 )
 from packrunner.errors import ConversionError
 from packrunner.graphs import MASK_BIAS
@@ -21,8 +19,6 @@ __all__ = [
     "PACKED_INPUT_NAMES",
     "AttentionMode",
     "ConversionError",
-    "build_parser",
     "convert_file",
     "convert_to_packed",
-    "main",
 ]

@@ -125,7 +125,8 @@ def test_offline_pack_data_runs_on_the_session(
     sess = get_session(model, 1, "poprt").load()
     transfer = pack_data(samples, 0, BATCH_SIZE, SEQ_LEN, MAX_VALID_NUM, 1, across_rows)
     assert transfer.count > 1
-    # PopRT's example passes the [max_valid_num, 1] unpack_info and the attention mask to both models.
+    # PopRT's example passes the [max_valid_num, 1] unpack_info and the attention mask to both
+    # models.
     feeds = {**transfer.data, "unpack_info": transfer.unpack_info}
     if not across_rows:
         feeds.pop("unpack_info")

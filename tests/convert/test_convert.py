@@ -28,13 +28,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from packrunner.cli import main as cli_main
 from packrunner.convert import (
     MASK_BIAS,
     PACKED_INPUT_NAMES,
     ConversionError,
     convert_file,
     convert_to_packed,
-    main,
 )
 
 from ._support import (
@@ -339,7 +339,8 @@ def test_unpack_repack_rejects_keep_row_outputs() -> None:
 def test_cli_unpack_repack(tmp_path: Path) -> None:
     out = tmp_path / "stream.onnx"
     argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--attention", "unpack_repack"]
-    assert main([*argv, "--max-valid-num", "8", "--batch-size", "2", "--seq-len", "32"]) == 0
+    shape = ["--max-valid-num", "8", "--batch-size", "2", "--seq-len", "32"]
+    assert cli_main(["convert", *argv, *shape]) == 0
     model = onnx.load(str(out))
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [8, 32]
 
@@ -490,7 +491,7 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
 def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "packed.onnx"
     argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--batch-size", "4", "--seq-len", "64"]
-    assert main(argv) == 0
+    assert cli_main(["convert", *argv]) == 0
     assert "wrote" in capsys.readouterr().out
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
@@ -514,14 +515,15 @@ def test_cli_reports_conversion_error(tmp_path: Path, capsys: pytest.CaptureFixt
         ),
         str(source),
     )
-    assert main([str(source), str(tmp_path / "out.onnx")]) == 1
+    assert cli_main(["convert", str(source), str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "packrunner convert:" in err and "graph input 'input_ids' not found" in err
+    assert "packrunner convert: error:" in err and "graph input 'input_ids' not found" in err
     assert not (tmp_path / "out.onnx").exists()
-    assert main([str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx")]) == 1
+    assert cli_main(["convert", str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_sizes(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as excinfo:
-        main([str(fixture_path("tiny_hf_bert_qa")), str(tmp_path / "o.onnx"), "--seq-len", "0"])
-    assert excinfo.value.code == 2
+    argv = ["convert", str(fixture_path("tiny_hf_bert_qa")), str(tmp_path / "o.onnx")]
+    assert cli_main([*argv, "--seq-len", "0"]) == 2
+    assert cli_main([*argv, "--attention", "unpack_repack", "--keep-row-outputs"]) == 2

@@ -1,0 +1,182 @@
+"""The one device factory of ``packrunner compare`` and ``packrunner bench``.
+
+A benchmark needs a fresh device per run, of the model form each packing algorithm feeds:
+``padded`` (one sample per row), ``packed`` (segment-id mask, several samples per row) or
+``unpack_repack`` (samples across rows). :class:`DeviceSet` knows where each form comes from:
+:class:`~packrunner.devices.simulated.SimulatedDevice` timing, the embedded default BERT, a
+Hugging Face checkpoint, or the user's own ONNX files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from packrunner.config import PackAlgorithm
+from packrunner.devices.base import Device
+from packrunner.devices.simulated import POPRT_IPU_BATCH_LATENCY_US, SimulatedDevice
+from packrunner.errors import ConfigError
+from packrunner.models.builder import VARIANTS, Variant
+
+__all__ = ["DeviceSet", "variant_for"]
+
+Backend = Literal["sim", "onnx"]
+
+
+def variant_for(algorithm: PackAlgorithm) -> Variant:
+    """The model form ``algorithm`` feeds."""
+    if algorithm is PackAlgorithm.PADDED:
+        return "padded"
+    if algorithm is PackAlgorithm.STREAM:
+        return "unpack_repack"
+    return "packed"
+
+
+@dataclass(frozen=True)
+class DeviceSet:
+    """Makes a fresh device of each model form, all at one batch shape.
+
+    Build one with :meth:`simulated` or :meth:`onnx`. ``paths`` holds the ONNX file of each form
+    the set can make (empty for the simulated backend, which makes every form).
+    """
+
+    backend: Backend
+    batch_size: int
+    seq_len: int
+    max_valid_num: int
+    name: str
+    batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US
+    threads: int | None = None
+    paths: Mapping[Variant, Path] = field(default_factory=dict)
+
+    @classmethod
+    def simulated(
+        cls,
+        *,
+        batch_size: int,
+        seq_len: int,
+        max_valid_num: int,
+        batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US,
+    ) -> DeviceSet:
+        """SimulatedDevices taking ``batch_latency_us`` per batch."""
+        return cls(
+            "sim",
+            batch_size,
+            seq_len,
+            max_valid_num,
+            name=f"SimulatedDevice at {batch_latency_us / 1000:.1f} ms/batch",
+            batch_latency_us=batch_latency_us,
+        )
+
+    @classmethod
+    def onnx(
+        cls,
+        *,
+        batch_size: int,
+        seq_len: int,
+        max_valid_num: int,
+        threads: int | None = None,
+        model: str | os.PathLike[str] | None = None,
+        padded_model: str | os.PathLike[str] | None = None,
+        unpack_repack_model: str | os.PathLike[str] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> DeviceSet:
+        """onnxruntime sessions on the user's models, a checkpoint's, or the embedded default's.
+
+        With ``model`` (a packed-form model), the padded baseline is that same model run one
+        sample per row unless ``padded_model`` is given: with one segment per row the
+        block-diagonal mask is the padding mask, so this is the model's own padded form. The
+        unpack/repack form exists only when ``unpack_repack_model`` is given.
+
+        Raises:
+            ConfigError: ``model`` and ``checkpoint`` are both given.
+        """
+        from packrunner.models.cache import checkpoint_model_path, default_model_path
+
+        if model is not None and checkpoint is not None:
+            raise ConfigError("give either a model or a checkpoint, not both")
+        paths: dict[Variant, Path] = {}
+        if model is not None:
+            paths["packed"] = Path(model)
+            paths["padded"] = Path(padded_model if padded_model is not None else model)
+            if unpack_repack_model is not None:
+                paths["unpack_repack"] = Path(unpack_repack_model)
+            name = Path(model).name
+        else:
+            for variant in VARIANTS:
+                if checkpoint is not None:
+                    paths[variant] = checkpoint_model_path(
+                        checkpoint,
+                        variant,
+                        batch_size=batch_size,
+                        seq_len=seq_len,
+                        max_valid_num=max_valid_num,
+                    )
+                else:
+                    paths[variant] = default_model_path(
+                        variant, batch_size=batch_size, seq_len=seq_len, max_valid_num=max_valid_num
+                    )
+            if padded_model is not None:
+                paths["padded"] = Path(padded_model)
+            if unpack_repack_model is not None:
+                paths["unpack_repack"] = Path(unpack_repack_model)
+            name = (
+                f"checkpoint {Path(checkpoint).name}"
+                if checkpoint is not None
+                else "default BERT (2 layers, hidden 128)"
+            )
+        return cls(
+            "onnx",
+            batch_size,
+            seq_len,
+            max_valid_num,
+            name=f"onnxruntime CPU ({os.cpu_count()} cores), {name}",
+            threads=threads,
+            paths=paths,
+        )
+
+    def supports(self, algorithm: PackAlgorithm) -> bool:
+        """Whether the set has the model form ``algorithm`` feeds."""
+        return self.backend == "sim" or variant_for(algorithm) in self.paths
+
+    def make(self, variant: Variant, *, batch_latency_us: int | None = None) -> Device:
+        """A new (unopened) device of ``variant``'s form.
+
+        Args:
+            variant: The model form.
+            batch_latency_us: Simulated backend only: override the batch latency (0 measures
+                the host alone).
+        """
+        if self.backend == "sim":
+            return SimulatedDevice(
+                batch_size=self.batch_size,
+                seq_len=self.seq_len,
+                batch_latency_us=(
+                    self.batch_latency_us if batch_latency_us is None else batch_latency_us
+                ),
+                mode="unpack_repack" if variant == "unpack_repack" else "attention_mask",
+                max_valid_num=self.max_valid_num,
+            )
+        from packrunner.devices.onnx import OnnxDevice
+
+        if variant not in self.paths:
+            raise ConfigError(f"no {variant} model: pass --{variant.replace('_', '-')}-model")
+        return OnnxDevice(self.paths[variant], intra_op_num_threads=self.threads)
+
+    def for_algorithm(self, algorithm: PackAlgorithm) -> Device:
+        """A new device of the form ``algorithm`` feeds."""
+        return self.make(variant_for(algorithm))
+
+    def vocab_size(self, requested: int) -> int:
+        """The largest id count samples may draw from: ``requested``, capped by the vocabulary
+        of every model in the set (read from its embedding tables)."""
+        if self.backend == "sim":
+            return requested
+        limits = [
+            device.input_value_limits.get("input_ids", requested)
+            for device in (self.make(variant) for variant in self.paths)
+        ]
+        return min([requested, *limits])
