@@ -41,6 +41,11 @@ def assert_matches_reference(sample: Mapping[str, Any], result: Mapping[str, Any
         np.testing.assert_array_equal(result[name], value, err_msg=name)
 
 
+def samples_in(feeds: Mapping[str, npt.NDArray[Any]]) -> int:
+    """Samples in a packed batch: distinct segment ids per row of its attention mask."""
+    return int(sum(len(np.unique(row[row > 0])) for row in feeds["attention_mask"]))
+
+
 class GatedDevice(SimulatedDevice):
     """A SimulatedDevice whose runs block until the test opens the gate."""
 
@@ -54,10 +59,34 @@ class GatedDevice(SimulatedDevice):
     def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         self.entered.release()
         self.gate.wait()
-        mask = feeds.get("attention_mask")
-        if mask is not None:
-            self.batch_sizes.append(int(sum(len(np.unique(r[r > 0])) for r in mask)))
+        if "attention_mask" in feeds:
+            self.batch_sizes.append(samples_in(feeds))
         return super().run(feeds)
+
+
+class SteppedDevice(SimulatedDevice):
+    """A SimulatedDevice that runs one batch per ``allow.release()``.
+
+    Use it through the ``stepped_device`` fixture, which lets every batch through at teardown
+    so that a failing test never leaves the runner's threads blocked on it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("batch_latency_us", 0)
+        super().__init__(**kwargs)
+        self.allow = threading.Semaphore(0)
+        self.entered = threading.Semaphore(0)
+        self.batch_sizes: list[int] = []
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        self.entered.release()
+        self.allow.acquire()
+        self.batch_sizes.append(samples_in(feeds))
+        return super().run(feeds)
+
+    def release_all(self) -> None:
+        """Let every batch through, now and later."""
+        self.allow.release(1_000_000)
 
 
 class PoisonDevice(SimulatedDevice):
