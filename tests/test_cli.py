@@ -102,7 +102,9 @@ def test_poprt_spellings_are_aliases_of_the_one_flag():
     poprt = parser.parse_args(
         ["bench", "--batch_size", "8", "--max_seq_len", "128", "--timeout_microseconds", "5"]
     )
-    ours = parser.parse_args(["bench", "--batch-size", "8", "--seq-len", "128", "--timeout-us", "5"])
+    ours = parser.parse_args(
+        ["bench", "--batch-size", "8", "--seq-len", "128", "--timeout-us", "5"]
+    )
     for name in ("batch_size", "seq_len", "timeout_us", "max_valid_num", "dump_results"):
         assert getattr(poprt, name) == getattr(ours, name), name
 

@@ -83,9 +83,7 @@ print(cache.default_model_path("packed", batch_size=2, seq_len=16, cache_dir=sys
 def test_two_processes_building_the_same_model_build_it_once(tmp_path: Path) -> None:
     cache, log = tmp_path / "cache", tmp_path / "builds.log"
     command = [sys.executable, "-c", _BUILD_IN_A_PROCESS, str(cache), str(log)]
-    processes = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)
-    ]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
     assert [process.returncode for process in processes] == [0, 0]
     assert outputs[0] == outputs[1]
