@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import SteppedDevice
+from tests._support import SteppedDevice
 
 
 @pytest.fixture(autouse=True)

@@ -150,7 +150,8 @@ def test_compare_model_with_a_shape_that_does_not_fit_exits_2(tiny_packed, capsy
 
 
 def test_a_missing_extra_is_named(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ModuleNotFoundError
+    for name in [m for m in sys.modules if m == "rich" or m.startswith("rich.")] or ["rich"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import rich(.x) -> ModuleNotFoundError
     argv = ["bench", *SIM, "--iterations", "1", "--results-dir", str(tmp_path)]
     assert main(argv) == 1
     err = capsys.readouterr().err

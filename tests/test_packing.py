@@ -15,7 +15,7 @@ from packrunner import (
     unpack_outputs,
 )
 from packrunner.bench.dataset import poprt_lengths
-from tests.helpers import reference
+from tests._support import reference
 
 ROWS, SEQ, CAP = 16, 256, 40
 ROW_ALGORITHMS = [

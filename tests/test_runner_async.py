@@ -20,7 +20,7 @@ from packrunner import (
     RunnerNotStartedError,
     SimulatedDevice,
 )
-from tests.helpers import (
+from tests._support import (
     GatedDevice,
     PoisonDevice,
     assert_matches_reference,

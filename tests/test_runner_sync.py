@@ -18,7 +18,7 @@ from packrunner import (
     RunnerConfig,
     SimulatedDevice,
 )
-from tests.helpers import GatedDevice, assert_matches_reference, random_samples
+from tests._support import GatedDevice, assert_matches_reference, random_samples
 
 
 def test_many_threads_calling_execute_at_once():

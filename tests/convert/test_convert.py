@@ -36,16 +36,13 @@ from packrunner.convert import (
     convert_file,
     convert_to_packed,
 )
+from tests._support import Placement, Sample, pack_first_fit, token_samples
 
 from ._support import (
-    Placement,
-    Sample,
     fill_lengths,
     fixture_path,
     make_session,
-    pack,
     per_sample_max_diff,
-    random_samples,
     record_diff,
     run,
     run_single,
@@ -79,8 +76,8 @@ def _packed_batch(
     seed: int,
 ) -> tuple[dict[str, npt.NDArray[np.int32]], list[Placement], list[Sample]]:
     rng = np.random.default_rng(seed)
-    samples = random_samples(rng, fill_lengths(rng, ROWS_USED, SEQ), VOCAB)
-    feeds, placements = pack(samples, BATCH, SEQ, rows_used=ROWS_USED)
+    samples = token_samples(rng, fill_lengths(rng, ROWS_USED, SEQ), VOCAB)
+    feeds, placements = pack_first_fit(samples, BATCH, SEQ, rows_used=ROWS_USED)
     return feeds, placements, samples
 
 
@@ -160,8 +157,8 @@ def test_padding_mode_matches_one_sample_per_row() -> None:
     rng = np.random.default_rng(3)
     # Longer than half a row each, so first-fit puts exactly one per row.
     lengths = [int(n) for n in rng.integers(SEQ // 2 + 1, SEQ + 1, size=BATCH)]
-    samples = random_samples(rng, lengths, VOCAB)
-    feeds, placements = pack(samples, BATCH, SEQ)
+    samples = token_samples(rng, lengths, VOCAB)
+    feeds, placements = pack_first_fit(samples, BATCH, SEQ)
     assert [p.row for p in placements] == list(range(BATCH))
     outputs = run(make_session(model.SerializeToString()), feeds)
     original = make_session(fixture_path("tiny_hf_bert_qa"))
@@ -178,8 +175,8 @@ def test_all_padding_batch_is_finite(converted: onnx.ModelProto) -> None:
 def test_other_batch_shape() -> None:
     model = convert_to_packed(fixture_path("tiny_hf_bert_qa"), batch_size=3, seq_len=40)
     rng = np.random.default_rng(4)
-    samples = random_samples(rng, [40, 1, 7, 20, 12, 5], VOCAB)
-    feeds, placements = pack(samples, 3, 40)
+    samples = token_samples(rng, [40, 1, 7, 20, 12, 5], VOCAB)
+    feeds, placements = pack_first_fit(samples, 3, 40)
     assert feeds["input_ids"].shape == (3, 40)
     outputs = run(make_session(model.SerializeToString()), feeds)
     assert outputs["start_logits"].shape == (3, 40)
@@ -254,7 +251,7 @@ def _stream_batch(
         if sum(lengths) + n > BATCH * SEQ - 100:  # and some stream padding at the end
             break
         lengths.append(n)
-    samples = random_samples(rng, lengths, VOCAB)
+    samples = token_samples(rng, lengths, VOCAB)
     feeds, placements = stream_pack(samples, BATCH, SEQ, MAX_VALID)
     return feeds, placements, samples
 
@@ -496,8 +493,8 @@ def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     rng = np.random.default_rng(6)
-    samples = random_samples(rng, [64, 30, 30, 4, 1, 17], VOCAB)
-    feeds, placements = pack(samples, 4, 64)
+    samples = token_samples(rng, [64, 30, 30, 4, 1, 17], VOCAB)
+    feeds, placements = pack_first_fit(samples, 4, 64)
     outputs = run(make_session(out), feeds)
     original = make_session(fixture_path("tiny_hf_bert_qa"))
     diff = per_sample_max_diff(outputs, placements, [run_single(original, s) for s in samples])
