@@ -88,6 +88,7 @@ def plot_all(
     from matplotlib.artist import Artist
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
+    from matplotlib.ticker import ScalarFormatter
 
     title = payload["title"]
     written: list[Path] = []
@@ -97,15 +98,15 @@ def plot_all(
     for target, latencies in closed_loop.items():
         colour = TARGET_COLOURS.get(target)
         values = np.sort(np.asarray(latencies) * 1e3)
-        axes.plot(values, np.arange(1, len(values) + 1) / len(values), color=colour, label=target)
-        for q, marker in ((50, "o"), (99, "v")):
-            at = float(np.percentile(values, q, method="inverted_cdf"))
-            axes.plot([at], [q / 100], marker=marker, color=colour, ls="none")
-            axes.annotate(
-                f"p{q} {at:.1f}", (at, q / 100), textcoords="offset points", xytext=(4, -10),
-                fontsize=7, color=colour,
-            )  # fmt: skip
+        p50, p99 = (float(np.percentile(values, q, method="inverted_cdf")) for q in (50, 99))
+        label = f"{target}: p50 {p50:.1f}, p99 {p99:.1f} ms"
+        axes.plot(values, np.arange(1, len(values) + 1) / len(values), color=colour, label=label)
+        axes.plot([p50], [0.5], marker="o", color=colour, ls="none")
+        axes.plot([p99], [0.99], marker="v", color=colour, ls="none")
     axes.set_xscale("log")
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.xaxis.set_minor_formatter(ScalarFormatter())
+    axes.tick_params(axis="x", which="minor", labelsize=7)
     axes.set_xlabel("latency (ms, log scale)")
     axes.set_ylabel("fraction of requests")
     clients = payload["closed_loop"]["clients"]
@@ -120,13 +121,13 @@ def plot_all(
         Line2D([], [], marker="o", color="black", ls="none", label="p50"),
         Line2D([], [], marker="v", color="black", ls="none", label="p99"),
     ]
-    axes.legend(handles=[*handles, *markers], fontsize=8, loc="lower right")
+    axes.legend(handles=[*handles, *markers], fontsize=8, loc="upper left")
     written.append(_save(figure, directory / "latency_cdf.png"))
 
     # Throughput by mode: coloured by kind, spread over repeats, the device-limited ideal.
     modes = payload["modes"]
     names = list(modes)
-    figure, axes = plt.subplots(figsize=(8.5, 4.8))
+    figure, axes = plt.subplots(figsize=(10, 4.8))
     medians = [modes[n]["samples_per_s_median"] for n in names]
     runs = [modes[n]["samples_per_s_runs"] for n in names]
     spread = np.array(
@@ -160,12 +161,12 @@ def plot_all(
     legend.append(
         Line2D([], [], color="black", ls=":", label=f"device-limited ideal {ideal:.0f}/s")
     )
-    axes.legend(handles=legend, fontsize=8, loc="lower right")
+    axes.legend(handles=legend, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     written.append(_save(figure, directory / "throughput_by_mode.png"))
 
     # Latency vs load: one colour per target, p50 solid, p99 dashed; capacity and knees marked.
-    figure, axes = plt.subplots(figsize=(7.5, 4.5))
-    for target, points in payload["open_loop_sweep"].items():
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    for number, (target, points) in enumerate(payload["open_loop_sweep"].items()):
         colour = TARGET_COLOURS.get(target)
         offered = [p["offered_rate"] for p in points]
         axes.plot(offered, [p["p50_ms"] for p in points], marker="o", color=colour, ls="-")
@@ -175,7 +176,7 @@ def plot_all(
             axes.axvline(knee["samples_per_s"], color=colour, ls=":", lw=1)
             axes.annotate(
                 f"knee {'' if knee['reached'] else 'above '}{knee['samples_per_s']:.0f}",
-                (knee["samples_per_s"], 0.98), xycoords=("data", "axes fraction"),
+                (knee["samples_per_s"], 0.98 - 0.3 * number), xycoords=("data", "axes fraction"),
                 rotation=90, va="top", ha="right", fontsize=7, color=colour,
             )  # fmt: skip
     capacity = payload["capacity_samples_per_s"]
@@ -196,7 +197,7 @@ def plot_all(
         Line2D([], [], color="black", ls="-", label="p50"),
         Line2D([], [], color="black", ls="--", label="p99"),
     ]
-    axes.legend(handles=legend, fontsize=8, loc="upper left")
+    axes.legend(handles=legend, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     written.append(_save(figure, directory / "latency_vs_load.png"))
     return written
 
