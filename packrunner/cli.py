@@ -518,11 +518,11 @@ def _device_set(args: argparse.Namespace) -> Any:
             max_valid_num=args.max_valid_num,
             batch_latency_us=args.batch_latency_us,
         )
-    checkpoint = args.checkpoint
+    checkpoint, checkpoint_name = args.checkpoint, None
     if args.minilm:
         from packrunner.models import minilm_checkpoint_dir
 
-        checkpoint = minilm_checkpoint_dir()
+        checkpoint, checkpoint_name = minilm_checkpoint_dir(), "all-MiniLM-L6-v2"
     return DeviceSet.onnx(
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -532,6 +532,7 @@ def _device_set(args: argparse.Namespace) -> Any:
         padded_model=args.padded_model,
         unpack_repack_model=args.unpack_repack_model,
         checkpoint=checkpoint,
+        checkpoint_name=checkpoint_name,
     )
 
 
@@ -636,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(subparser, str(exc))
     except PackRunnerError as exc:
         print(f"{subparser.prog}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. an output folder that cannot be written, a missing package
+        print(f"{subparser.prog}: error: {exc}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as exc:
         root = (exc.name or "").partition(".")[0]

@@ -83,10 +83,12 @@ class DeviceSet:
         padded_model: str | os.PathLike[str] | None = None,
         unpack_repack_model: str | os.PathLike[str] | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_name: str | None = None,
     ) -> DeviceSet:
         """onnxruntime sessions on the user's models, a checkpoint's, or the embedded default's.
 
-        With ``model`` (a packed-form model), the padded baseline is that same model run one
+        ``checkpoint_name`` names a checkpoint in titles (default: its folder's name). With
+        ``model`` (a packed-form model), the padded baseline is that same model run one
         sample per row unless ``padded_model`` is given: with one segment per row the
         block-diagonal mask is the padding mask, so this is the model's own padded form. The
         unpack/repack form exists only when ``unpack_repack_model`` is given.
@@ -123,11 +125,10 @@ class DeviceSet:
                 paths["padded"] = Path(padded_model)
             if unpack_repack_model is not None:
                 paths["unpack_repack"] = Path(unpack_repack_model)
-            name = (
-                f"checkpoint {Path(checkpoint).name}"
-                if checkpoint is not None
-                else "default BERT (2 layers, hidden 128)"
-            )
+            if checkpoint is None:
+                name = "default BERT (2 layers, hidden 128)"
+            else:
+                name = checkpoint_name or f"checkpoint {Path(checkpoint).name}"
         return cls(
             "onnx",
             batch_size,
