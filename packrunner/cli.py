@@ -119,6 +119,8 @@ def _fractions(text: str) -> list[float]:
     try:
         return [_positive_float(item) for item in items]
     except argparse.ArgumentTypeError as exc:
+        if len(items) == 1:
+            raise
         raise argparse.ArgumentTypeError(f"{exc} in {text!r}") from None
 
 
@@ -280,8 +282,8 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--algorithms",
         type=_algorithms,
-        default=DEFAULT_ALGORITHMS,
-        help="comma-separated packing algorithms, run in this order each round",
+        help=f"comma-separated packing algorithms, run in this order each round (default: "
+        f"{DEFAULT_ALGORITHMS}, without stream when --model has no --unpack-repack-model)",
     )
 
 
@@ -296,9 +298,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     from packrunner.config import RunnerConfig
 
     devices = _device_set(args)
-    algorithms: list[PackAlgorithm] = args.algorithms
+    algorithms: list[PackAlgorithm] = args.algorithms or _algorithms(DEFAULT_ALGORITHMS)
     unsupported = [a for a in algorithms if not devices.supports(a)]
-    if unsupported and args.algorithms_given:
+    if unsupported and args.algorithms is not None:
         raise UsageError(
             f"--algorithms {','.join(a.value for a in unsupported)} needs --unpack-repack-model "
             "when --model is given"
@@ -624,7 +626,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or an argparse error (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_VALUE
     args.argv = arguments
-    args.algorithms_given = any(a.startswith("--algorithms") for a in arguments)
     subparser: argparse.ArgumentParser = args.subparser
     try:
         if hasattr(args, "minilm"):
