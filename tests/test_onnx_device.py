@@ -141,6 +141,15 @@ def test_symbolic_or_non_integer_inputs_are_refused(tmp_path):
         OnnxDevice(tmp_path / "missing.onnx")
 
 
+def test_missing_empty_or_corrupt_files_are_refused_with_config_error(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\xff\xfe not a protobuf \x00" * 8)
+    cases = {"missing": "is not a file", "empty": "is empty", "corrupt": "is not an ONNX model"}
+    for stem, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            OnnxDevice(tmp_path / f"{stem}.onnx")
+
+
 def test_session_that_cannot_load_fails_start(tmp_path):
     bogus = _tiny_model(tmp_path / "custom.onnx", dims=[2, 8], op="NoSuchOp", domain="acme")
     device = OnnxDevice(bogus)
