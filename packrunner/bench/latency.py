@@ -122,8 +122,10 @@ def closed_loop(
             if on_request is not None:
                 on_request()
 
+    # Daemon threads: a Ctrl-C while they run must not keep the process alive until they finish.
     threads = [
-        threading.Thread(target=client, args=(n,), name=f"client-{n}") for n in range(clients)
+        threading.Thread(target=client, args=(n,), name=f"client-{n}", daemon=True)
+        for n in range(clients)
     ]
     for thread in threads:
         thread.start()
