@@ -105,10 +105,14 @@ def _config(args: argparse.Namespace, algorithm: PackAlgorithm) -> RunnerConfig:
 def _modes(devices: DeviceSet, skip_peer: bool) -> dict[str, ModeResult]:
     """Every mode the device set can run, in running order."""
     modes: dict[str, ModeResult] = {}
-    for table, kind in ((OFFLINE_MODES, "offline"), (ONLINE_MODES, "online")):
+    tables: tuple[tuple[dict[str, PackAlgorithm], ModeKind], ...] = (
+        (OFFLINE_MODES, "offline"),
+        (ONLINE_MODES, "online"),
+    )
+    for table, kind in tables:
         for name, algorithm in table.items():
             if devices.supports(algorithm):
-                modes[name] = ModeResult(name, kind, variant_for(algorithm))  # type: ignore[arg-type]
+                modes[name] = ModeResult(name, kind, variant_for(algorithm))
     if not skip_peer:
         modes[PEER] = ModeResult(PEER, "peer", "padded")
     return modes
