@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from packrunner import OverloadedError, PackRunner, RunnerConfig, SimulatedDevice
-from packrunner.bench.compare import seed_dataset
+from packrunner.bench.dataset import poprt_dataset
 
 
 def _ignore_future(callback: Any, argument: float, _: object) -> None:
@@ -128,7 +128,7 @@ async def overload(
 
 
 async def run(args: argparse.Namespace) -> None:
-    samples = seed_dataset(4096)
+    samples = poprt_dataset(4096)
     device = SimulatedDevice(batch_latency_us=args.batch_latency_us)
     config = RunnerConfig(max_queue_size=args.max_queue_size)
     async with PackRunner(device, config) as runner:

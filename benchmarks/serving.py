@@ -31,7 +31,7 @@ import grpc.aio
 import numpy as np
 
 from packrunner import PackRunner
-from packrunner.bench.compare import seed_dataset
+from packrunner.bench.dataset import poprt_dataset
 from packrunner.bench.latency import LatencySummary, open_loop
 from packrunner.devices.onnx import OnnxDevice
 from packrunner.serve import ServeSettings, load_model, oip_proto
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads")
     args = parser.parse_args(argv)
     samples: list[dict[str, Any]] = [
-        {"input_ids": s["input_ids"]} for s in seed_dataset(args.requests)
+        {"input_ids": s["input_ids"]} for s in poprt_dataset(args.requests)
     ]
     texts = [{"text": text} for text in _texts(samples)]
     flood = 1e6  # offered rate far above capacity: every request at once
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             saturated[label] = _drive(make(), inputs, flood)
             half[label] = _drive(make(), inputs, half_rate)
 
-    sim_samples = [{"input_ids": s["input_ids"]} for s in seed_dataset(args.sim_requests)]
+    sim_samples = [{"input_ids": s["input_ids"]} for s in poprt_dataset(args.sim_requests)]
     ceiling: dict[str, LatencySummary] = {}
     with _server(["--device", "sim", "--sim-batch-latency-us", "0"]) as (http, grpc_address):
         sim_targets = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 from packrunner._version import __version__
 from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
 from packrunner.devices import (
-    SEED_IPU_BATCH_LATENCY_US,
+    POPRT_IPU_BATCH_LATENCY_US,
     Device,
     OnnxDevice,
     OutputLayout,
@@ -53,6 +53,7 @@ __all__ = [
     "OutputLayout",
     "OutputSpec",
     "OverloadedError",
+    "POPRT_IPU_BATCH_LATENCY_US",
     "PackAlgorithm",
     "PackPlan",
     "PackRunner",
@@ -63,7 +64,6 @@ __all__ = [
     "RunnerConfig",
     "RunnerNotStartedError",
     "RunnerStats",
-    "SEED_IPU_BATCH_LATENCY_US",
     "SimulatedDevice",
     "TensorSpec",
     "__version__",

@@ -15,7 +15,7 @@ class PackAlgorithm(enum.Enum):
     """How queued samples are placed into the rows of a batch.
 
     Attributes:
-        PADDED: one sample per row, padded to ``seq_len`` (the seed's "Original" baseline).
+        PADDED: one sample per row, padded to ``seq_len`` (PopRT's "Original" baseline).
         NEXT_FIT: PopRT semantics: keep filling the current row, open the next row when a sample
             does not fit; the batch closes when no row is left or at ``max_valid_num``.
         FIRST_FIT: PopRT semantics: each sample, in arrival order, goes into the first row with

@@ -30,6 +30,7 @@ from packrunner.devices.base import OutputLayout, OutputSpec
 __all__ = [
     "PackPlan",
     "build_feeds",
+    "drain_queue",
     "pack_offline",
     "plan_batch",
     "unpack_outputs",
@@ -457,23 +458,42 @@ def pack_offline(
     """
     options = {"batch_size": batch_size, "seq_len": seq_len, "max_valid_num": max_valid_num}
     if across_rows:
-        return _drain(lengths, PackAlgorithm.STREAM, 256, options)
+        return drain_queue(lengths, algorithm=PackAlgorithm.STREAM, **options)
     candidates = [
-        _drain(lengths, PackAlgorithm.LOOKAHEAD, 256, options),
-        _drain(lengths, PackAlgorithm.LOOKAHEAD, 1024, options),
+        drain_queue(lengths, algorithm=PackAlgorithm.LOOKAHEAD, lookahead=256, **options),
+        drain_queue(lengths, algorithm=PackAlgorithm.LOOKAHEAD, lookahead=1024, **options),
         _best_fit_decreasing_batches(lengths, batch_size, seq_len, max_valid_num),
     ]
     return min(candidates, key=len)
 
 
-def _drain(
-    lengths: Sequence[int], algorithm: PackAlgorithm, lookahead: int, options: dict[str, int]
+def drain_queue(
+    lengths: Sequence[int],
+    *,
+    algorithm: PackAlgorithm,
+    batch_size: int,
+    seq_len: int,
+    max_valid_num: int,
+    lookahead: int = 256,
 ) -> list[PackPlan]:
+    """The batches a runner forms when every sample is queued before the first batch does.
+
+    :func:`plan_batch` is applied to the queue again and again until it is empty, exactly as the
+    runner's batcher would with no new arrivals.
+
+    Returns:
+        The batches in dispatch order; ``plan.chosen`` holds indices into ``lengths``.
+    """
     remaining = list(range(len(lengths)))
     plans: list[PackPlan] = []
     while remaining:
         plan = plan_batch(
-            [lengths[i] for i in remaining], algorithm=algorithm, lookahead=lookahead, **options
+            [lengths[i] for i in remaining],
+            algorithm=algorithm,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_valid_num=max_valid_num,
+            lookahead=lookahead,
         )
         taken = set(plan.chosen)
         plans.append(_reindex(plan, [remaining[i] for i in plan.chosen]))

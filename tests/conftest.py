@@ -5,6 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests._support import SteppedDevice
+
 
 @pytest.fixture(autouse=True)
 def no_leaked_runner_threads() -> Iterator[None]:
@@ -26,3 +28,11 @@ def isolated_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         os.environ.pop("PACKRUNNER_CACHE", None)
     else:
         os.environ["PACKRUNNER_CACHE"] = previous
+
+
+@pytest.fixture
+def stepped_device() -> Iterator[SteppedDevice]:
+    """A device that runs one batch per ``allow.release()``; released fully at teardown."""
+    device = SteppedDevice()
+    yield device
+    device.release_all()

@@ -26,7 +26,7 @@ from packrunner import (
     PackRunnerError,
     RunnerConfig,
 )
-from tests.helpers import FaultPlan, FaultyDevice, reference
+from tests._support import FaultPlan, FaultyDevice, reference
 
 SECONDS = float(os.environ.get("PACKRUNNER_CHAOS_SECONDS", "3"))
 SEED = int(os.environ.get("PACKRUNNER_CHAOS_SEED", "20251202"))

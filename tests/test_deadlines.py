@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from packrunner import PackRunner, RequestTimeoutError, RunnerConfig, SimulatedDevice
-from tests.helpers import GatedDevice, assert_matches_reference
+from tests._support import GatedDevice, assert_matches_reference
 
 SMALL: dict[str, Any] = {"batch_size": 4, "seq_len": 16}
 

@@ -22,7 +22,7 @@ from packrunner import (
     SimulatedDevice,
 )
 from packrunner.prometheus import RunnerCollector
-from tests.helpers import FaultPlan, FaultyDevice, assert_matches_reference, random_samples
+from tests._support import FaultPlan, FaultyDevice, assert_matches_reference, random_samples
 
 SMALL: dict[str, Any] = {"batch_size": 4, "seq_len": 16}
 SAMPLE = {"input_ids": np.array([3, 4, 5], np.int32)}

@@ -16,7 +16,7 @@ from packrunner import (
     SimulatedDevice,
 )
 from packrunner.prometheus import RunnerCollector
-from tests.helpers import FaultPlan, FaultyDevice
+from tests._support import FaultPlan, FaultyDevice
 
 
 def device_for(

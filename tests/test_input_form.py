@@ -16,7 +16,7 @@ from packrunner import (
     RunnerConfig,
     SimulatedDevice,
 )
-from tests.helpers import assert_matches_reference, random_samples
+from tests._support import assert_matches_reference, random_samples
 
 
 def test_members_are_their_string_values() -> None:

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from packrunner import InvalidSampleError, PackRunner, RunnerConfig, SimulatedDevice
 from packrunner.prometheus import RunnerCollector
-from tests.helpers import random_samples
+from tests._support import random_samples
 
 
 async def test_collector_reports_the_runners_counters_and_latency():

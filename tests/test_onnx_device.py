@@ -24,11 +24,11 @@ from packrunner import (
     RunnerConfig,
 )
 from packrunner.bench.accuracy import compare_results
-from packrunner.bench.compare import seed_dataset
+from packrunner.bench.dataset import poprt_dataset
 from packrunner.devices.onnx import OnnxDevice
 from packrunner.models import default_model_path
 
-SAMPLES = seed_dataset(160)  # the seed's generator: ids in [0, 30522), types 0/1
+SAMPLES = poprt_dataset(160)  # PopRT's generator: ids in [0, 30522), types 0/1
 LENGTHS = [len(s["input_ids"]) for s in SAMPLES]
 
 
@@ -139,6 +139,15 @@ def test_symbolic_or_non_integer_inputs_are_refused(tmp_path):
         OnnxDevice(floats)
     with pytest.raises(ConfigError, match="not a file"):
         OnnxDevice(tmp_path / "missing.onnx")
+
+
+def test_missing_empty_or_corrupt_files_are_refused_with_config_error(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "corrupt.onnx").write_bytes(b"\xff\xfe not a protobuf \x00" * 8)
+    cases = {"missing": "is not a file", "empty": "is empty", "corrupt": "is not an ONNX model"}
+    for stem, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            OnnxDevice(tmp_path / f"{stem}.onnx")
 
 
 def test_session_that_cannot_load_fails_start(tmp_path):

@@ -14,7 +14,8 @@ from packrunner import (
     plan_batch,
     unpack_outputs,
 )
-from tests.helpers import reference, seed_lengths
+from packrunner.bench.dataset import poprt_lengths
+from tests._support import reference
 
 ROWS, SEQ, CAP = 16, 256, 40
 ROW_ALGORITHMS = [
@@ -129,21 +130,22 @@ def test_partial_queue_is_not_full(algorithm):
     ],
 )
 def test_poprt_algorithms_match_published_simulation(algorithm, n1600, n16000):
-    assert samples_per_batch(seed_lengths(1600), algorithm) == pytest.approx(n1600, abs=0.01)
-    assert samples_per_batch(seed_lengths(16000), algorithm) == pytest.approx(n16000, abs=0.01)
+    assert samples_per_batch(poprt_lengths(1600), algorithm) == pytest.approx(n1600, abs=0.01)
+    assert samples_per_batch(poprt_lengths(16000), algorithm) == pytest.approx(n16000, abs=0.01)
 
 
-def test_lookahead_reaches_the_seed_distribution_target():
-    """Floor: >= 31.5 samples per [16, 256] batch on 16000 seed samples (limit 32.07)."""
-    spb_16000 = samples_per_batch(seed_lengths(16000), PackAlgorithm.LOOKAHEAD)
-    spb_1600 = samples_per_batch(seed_lengths(1600), PackAlgorithm.LOOKAHEAD)
+def test_lookahead_reaches_the_reference_distribution_target():
+    """Floor: >= 31.5 samples per [16, 256] batch on 16000 reference-distribution samples
+    (limit 32.07)."""
+    spb_16000 = samples_per_batch(poprt_lengths(16000), PackAlgorithm.LOOKAHEAD)
+    spb_1600 = samples_per_batch(poprt_lengths(1600), PackAlgorithm.LOOKAHEAD)
     assert spb_16000 >= 31.5
     assert spb_16000 == pytest.approx(31.809, abs=0.01)  # 503 batches; the lower bound is 499
     assert spb_1600 == pytest.approx(31.373, abs=0.01)  # 51 batches; the lower bound is 50
 
 
 def test_stream_mode_fills_the_token_stream():
-    assert samples_per_batch(seed_lengths(16000), PackAlgorithm.STREAM) >= 31.9
+    assert samples_per_batch(poprt_lengths(16000), PackAlgorithm.STREAM) >= 31.9
 
 
 @pytest.mark.parametrize(
@@ -160,7 +162,7 @@ def test_lookahead_never_worse_than_first_fit(name):
         "uniform": rng.integers(1, 257, n).tolist(),
         "bimodal": rng.choice([8, 250], n).tolist(),
         "short": rng.integers(1, 33, n).tolist(),
-        "seed": seed_lengths(n),
+        "seed": poprt_lengths(n),
         "halves": rng.choice([127, 128, 129], n).tolist(),
         "geometric": np.clip(rng.geometric(1 / 60, n), 1, 256).tolist(),
     }[name]

@@ -21,7 +21,7 @@ from packrunner import (
     RunnerNotStartedError,
     SimulatedDevice,
 )
-from tests.helpers import (
+from tests._support import (
     GatedDevice,
     PoisonDevice,
     assert_matches_reference,
@@ -100,7 +100,6 @@ async def test_device_keeps_accumulating_while_busy():
         first = runner.execute_async({"input_ids": [1]})
         await asyncio.to_thread(device.entered.acquire)  # the lone sample is on the device
         rest = [runner.execute_async({"input_ids": [2, 3]}) for _ in range(30)]
-        await asyncio.sleep(0.05)
         assert runner.stats().queue_depth == 30
         device.gate.set()
         await asyncio.gather(first, *rest)
@@ -168,11 +167,15 @@ async def test_cancelled_caller_takes_no_slot():
         keep = [runner.execute_async({"input_ids": [2, 2]}) for _ in range(3)]
         doomed = runner.execute_async({"input_ids": [3, 3, 3]})
 
+        submitted = asyncio.Event()
+
         async def waits_for_it():
-            return await runner.execute_async({"input_ids": [4, 4, 4, 4]})
+            future = runner.execute_async({"input_ids": [4, 4, 4, 4]})  # queued on return
+            submitted.set()
+            return await future
 
         doomed_task = asyncio.ensure_future(waits_for_it())
-        await asyncio.sleep(0.02)
+        await submitted.wait()
         doomed.cancel()  # the future itself
         doomed_task.cancel()  # a task awaiting its future
         for cancelled in (doomed, doomed_task):
@@ -191,8 +194,7 @@ async def test_overload_is_immediate_and_bounded():
     async with PackRunner(device, config) as runner:
         first = runner.execute_async({"input_ids": [1]})
         await asyncio.to_thread(device.entered.acquire)
-        queued = [runner.execute_async({"input_ids": [2]}) for _ in range(4)]
-        await asyncio.sleep(0.01)
+        queued = [runner.execute_async({"input_ids": [2]}) for _ in range(4)]  # queued on return
         with pytest.raises(OverloadedError, match="max_queue_size=4"):
             await runner.execute_async({"input_ids": [3]})
         device.gate.set()
@@ -200,20 +202,24 @@ async def test_overload_is_immediate_and_bounded():
         assert runner.stats().rejected_overloaded == 1
 
 
-async def test_close_drains_accepted_work():
-    device = GatedDevice()
+async def test_close_drains_accepted_work(stepped_device):
+    device = stepped_device
     runner = PackRunner(device, RunnerConfig(timeout_us=10_000_000, max_inflight_batches=1))
     await runner.__aenter__()
     tasks = [runner.execute_async({"input_ids": [i + 1]}) for i in range(50)]
-    await asyncio.sleep(0.02)
+    await asyncio.to_thread(device.entered.acquire)  # a full batch of 40 is on the device
     closing = asyncio.create_task(runner.aclose())
-    await asyncio.sleep(0.02)
+    # The other 10 would wait 10 s for their timeout; a draining runner sends them as soon as the
+    # device is free, so their batch entering the device shows that the close has begun.
+    device.allow.release()
+    await asyncio.to_thread(device.entered.acquire)
     with pytest.raises(RunnerClosedError):
         await runner.execute_async({"input_ids": [1]})
-    device.gate.set()
+    device.allow.release()
     results = await asyncio.wait_for(asyncio.gather(*tasks), 10)
     await closing
     assert len(results) == 50 and runner.stats().completed == 50
+    assert device.batch_sizes == [40, 10]
 
 
 async def test_close_without_drain_fails_waiting_work():
@@ -222,8 +228,7 @@ async def test_close_without_drain_fails_waiting_work():
     await runner.__aenter__()
     on_device = runner.execute_async({"input_ids": [1]})
     await asyncio.to_thread(device.entered.acquire)
-    waiting = [runner.execute_async({"input_ids": [2]}) for _ in range(10)]
-    await asyncio.sleep(0.01)
+    waiting = [runner.execute_async({"input_ids": [2]}) for _ in range(10)]  # queued on return
     closing = asyncio.create_task(runner.aclose(drain=False))
     outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 10)
     assert all(isinstance(o, RunnerClosedError) for o in outcomes)

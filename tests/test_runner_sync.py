@@ -18,14 +18,14 @@ from packrunner import (
     RunnerConfig,
     SimulatedDevice,
 )
-from tests.helpers import GatedDevice, assert_matches_reference, random_samples
+from tests._support import GatedDevice, assert_matches_reference, random_samples
 
 
 def test_many_threads_calling_execute_at_once():
     samples = random_samples(1200, seed=21)
     config = RunnerConfig(timeout_us=2_000)
     with PackRunner(SimulatedDevice(batch_latency_us=1_000), config) as runner:
-        with ThreadPoolExecutor(max_workers=56) as pool:  # the seed's 3.5 x batch_size clients
+        with ThreadPoolExecutor(max_workers=56) as pool:  # PopRT's 3.5 x batch_size clients
             results = list(pool.map(runner.execute, samples))
         stats = runner.stats()
     for sample, result in zip(samples, results, strict=True):

@@ -23,7 +23,7 @@ from packrunner import (
     simulated_reference,
 )
 from packrunner.errors import MAX_SAMPLE_MESSAGE_CHARS
-from tests.helpers import GatedDevice, assert_matches_reference
+from tests._support import GatedDevice, assert_matches_reference
 
 SEQ_LEN = 16
 LIMITS = {"input_ids": 1000, "token_type_ids": 2, "position_ids": SEQ_LEN}

@@ -1,4 +1,4 @@
-"""Accuracy of packed results against a reference run: the seed's ``calculate_mae`` and more."""
+"""Accuracy of packed results against a reference run: PopRT's ``calculate_mae`` and more."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class OutputAccuracy:
 
     Attributes:
         name: Output name.
-        mean_mae: Mean over samples of each sample's mean absolute error (the seed's
+        mean_mae: Mean over samples of each sample's mean absolute error (PopRT's
             "average mae").
         max_abs_diff: Largest absolute difference over every valid element of every sample.
         worst_samples: ``(sample index, mae)`` of the samples with the largest MAE, worst first.
@@ -36,13 +36,13 @@ def compare_results(
     *,
     top_k: int = 10,
 ) -> dict[str, OutputAccuracy]:
-    """Compare per-sample outputs, like the seed's ``calculate_mae`` over each sample's length.
+    """Compare per-sample outputs, like PopRT's ``calculate_mae`` over each sample's length.
 
     Args:
         expected: Reference results, one mapping per sample (e.g. the padded model's).
         actual: Results to check, same order.
         lengths: Valid length of each sample; outputs are compared over ``[:length]`` of their
-            first dim (the seed's caller-allocated buffers are ``max_seq_len`` long). Default:
+            first dim (PopRT's caller-allocated buffers are ``max_seq_len`` long). Default:
             the full length of the shorter of the two.
         top_k: How many worst samples to report per output.
 

@@ -1,7 +1,7 @@
-"""Building blocks shared by ``packrunner compare``/``bench`` and ``benchmarks/``.
+"""Online throughput, measured through the public API: one run, and algorithms side by side.
 
-The seed's synthetic dataset, an online throughput measurement through the public API, and
-interleaved repeats summarised by medians and ratios (the machines are shared and noisy: never
+Used by ``packrunner compare`` and every online mode of ``packrunner bench``. Repeats are
+interleaved and summarised by medians and ratios (the machines are shared and noisy: never
 compare single runs).
 """
 
@@ -10,57 +10,26 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 
-import numpy as np
-import numpy.typing as npt
-
-from packrunner.bench.accuracy import compare_results
+from packrunner.bench.accuracy import OutputAccuracy, compare_results
+from packrunner.bench.dataset import PoprtSample
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device
+from packrunner.packing import drain_queue
 from packrunner.runner import PackRunner, Result
 
 __all__ = [
     "AlgorithmSummary",
     "OnlineRun",
-    "SeedSample",
+    "accuracy_against",
     "compare_algorithms",
     "format_accuracy",
     "format_comparison",
     "measure_online",
-    "seed_dataset",
 ]
-
-SeedSample = dict[str, npt.NDArray[np.int32]]
-
-
-def seed_dataset(
-    n: int,
-    *,
-    avg_seq_len: int = 128,
-    max_seq_len: int = 256,
-    emb_size: int = 30522,
-    seed: int = 2023,
-) -> list[SeedSample]:
-    """The seed's ``get_synthetic_data``: same generator, same calls, same order, same values.
-
-    Lengths are ``clip(int32(normal(avg, avg)), 1, max)``; each sample then draws its
-    ``input_ids`` in ``[0, emb_size)`` and its ``token_type_ids`` in ``{0, 1}``.
-    """
-    # The seed seeds numpy's legacy global generator; RandomState replays the same stream
-    # without touching global state.
-    legacy = np.random.RandomState(seed)
-    lengths = np.clip(
-        legacy.normal(avg_seq_len, avg_seq_len, size=n).astype(np.int32), 1, max_seq_len
-    )
-    samples: list[SeedSample] = []
-    for length in lengths:
-        input_ids = legacy.randint(0, emb_size, (length,)).astype(np.int32)
-        token_type_ids = legacy.randint(0, 2, (length,)).astype(np.int32)
-        samples.append({"input_ids": input_ids, "token_type_ids": token_type_ids})
-    return samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,18 +56,18 @@ class OnlineRun:
 def measure_online(
     device_factory: Callable[[], Device | Sequence[Device]],
     config: RunnerConfig,
-    samples: Sequence[SeedSample],
+    samples: Sequence[PoprtSample],
     *,
     keep_results: bool = False,
 ) -> OnlineRun:
-    """Submit every sample at once (the seed's online mode) and time until all are back."""
+    """Submit every sample at once (PopRT's online mode) and time until all are back."""
 
     async def run() -> OnlineRun:
         async with PackRunner(device_factory(), config) as runner:
             # More samples than the queue holds are fed as slots free up, never rejected.
             slots = asyncio.Semaphore(config.max_queue_size)
 
-            async def one(sample: SeedSample) -> Result:
+            async def one(sample: PoprtSample) -> Result:
                 async with slots:
                     return await runner.execute_async(sample)
 
@@ -121,11 +90,16 @@ def measure_online(
 
 @dataclass(frozen=True, slots=True)
 class AlgorithmSummary:
-    """Medians over the repeats of one algorithm, and its ratio to the padded baseline."""
+    """Medians over the repeats of one algorithm, and its ratio to the padded baseline.
+
+    ``queued_samples_per_batch`` is the deterministic figure when the whole dataset is queued
+    before the first batch forms (:func:`~packrunner.packing.drain_queue`).
+    """
 
     algorithm: PackAlgorithm
     runs: tuple[OnlineRun, ...]
     ratio_to_padded: float
+    queued_samples_per_batch: float
 
     @property
     def samples_per_s(self) -> float:
@@ -142,37 +116,54 @@ class AlgorithmSummary:
         """Median token fill."""
         return statistics.median(r.token_fill for r in self.runs)
 
+    def as_dict(self) -> dict[str, object]:
+        """Plain data for JSON (runs' results left out)."""
+        return {
+            "algorithm": self.algorithm.value,
+            "samples_per_s": self.samples_per_s,
+            "samples_per_s_runs": [r.samples_per_s for r in self.runs],
+            "samples_per_batch": self.mean_samples_per_batch,
+            "queued_samples_per_batch": self.queued_samples_per_batch,
+            "token_fill": self.token_fill,
+            "ratio_to_padded": self.ratio_to_padded,
+        }
+
 
 def compare_algorithms(
     device_factory: Callable[[PackAlgorithm], Device | Sequence[Device]],
     base_config: RunnerConfig,
-    samples: Sequence[SeedSample],
+    samples: Sequence[PoprtSample],
     algorithms: Sequence[PackAlgorithm],
     *,
     repeats: int = 3,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, PackAlgorithm, OnlineRun], None] | None = None,
 ) -> list[AlgorithmSummary]:
     """Run every algorithm ``repeats`` times, interleaved (A B C A B C ...), and summarise.
 
     Interleaving spreads slow phases of a noisy host over all algorithms instead of one. The
     ratio to padded is the median of per-round ratios (each round measured side by side).
+
+    Args:
+        device_factory: A fresh device (or devices) for each run of an algorithm.
+        base_config: Shapes and limits; each run replaces its algorithm.
+        samples: Every run submits all of them at once.
+        algorithms: In the order they run within a round.
+        repeats: Rounds.
+        progress: Called after each run with its round number (from 0), algorithm and result.
     """
     runs: dict[PackAlgorithm, list[OnlineRun]] = {a: [] for a in algorithms}
     for round_number in range(repeats):
         for algorithm in algorithms:
-            config = _with_algorithm(base_config, algorithm)
             run = measure_online(
                 partial(device_factory, algorithm),
-                config,
+                replace(base_config, algorithm=algorithm),
                 samples,
                 keep_results=round_number == 0,
             )
             runs[algorithm].append(run)
             if progress is not None:
-                progress(
-                    f"round {round_number + 1}/{repeats} {algorithm.value:>9}: "
-                    f"{run.samples_per_s:8.1f} samples/s, {run.mean_samples_per_batch:5.2f}/batch"
-                )
+                progress(round_number, algorithm, run)
+    lengths = [len(s[base_config.dynamic_input_name]) for s in samples]
     padded = runs.get(PackAlgorithm.PADDED)
     summaries = []
     for algorithm, algorithm_runs in runs.items():
@@ -183,27 +174,46 @@ def compare_algorithms(
                 r.samples_per_s / p.samples_per_s
                 for r, p in zip(algorithm_runs, padded, strict=True)
             )
-        summaries.append(AlgorithmSummary(algorithm, tuple(algorithm_runs), ratio))
+        queued = drain_queue(
+            lengths,
+            algorithm=algorithm,
+            batch_size=base_config.batch_size,
+            seq_len=base_config.seq_len,
+            max_valid_num=base_config.max_valid_num,
+            lookahead=base_config.lookahead,
+        )
+        summaries.append(
+            AlgorithmSummary(algorithm, tuple(algorithm_runs), ratio, len(samples) / len(queued))
+        )
     return summaries
 
 
-def format_accuracy(
+def accuracy_against(
     summaries: Sequence[AlgorithmSummary], lengths: Sequence[int], *, baseline: PackAlgorithm
-) -> str:
-    """Per algorithm, MAE and max abs diff of every output against the baseline's results."""
+) -> dict[PackAlgorithm, dict[str, OutputAccuracy]]:
+    """Per algorithm (baseline excluded), each output's accuracy against the baseline's results
+    from the first round; empty when the baseline did not run."""
     reference = next((s for s in summaries if s.algorithm is baseline), None)
     if reference is None or reference.runs[0].results is None:
-        return ""
+        return {}
+    expected = reference.runs[0].results
+    return {
+        summary.algorithm: compare_results(expected, results, lengths)
+        for summary in summaries
+        if summary.algorithm is not baseline and (results := summary.runs[0].results) is not None
+    }
+
+
+def format_accuracy(
+    accuracy: Mapping[PackAlgorithm, Mapping[str, OutputAccuracy]], *, baseline: PackAlgorithm
+) -> str:
+    """Per algorithm, MAE and max abs diff of every output against the baseline's results."""
     lines = [f"Accuracy against {baseline.value} (over each sample's valid tokens):"]
-    for summary in summaries:
-        results = summary.runs[0].results
-        if summary.algorithm is baseline or results is None:
-            continue
-        report = compare_results(reference.runs[0].results, results, lengths)
-        for name, accuracy in report.items():
+    for algorithm, report in accuracy.items():
+        for name, output in report.items():
             lines.append(
-                f"  {summary.algorithm.value:<11} {name:<20} mean MAE {accuracy.mean_mae:.3e}  "
-                f"max abs diff {accuracy.max_abs_diff:.3e}"
+                f"  {algorithm.value:<11} {name:<20} mean MAE {output.mean_mae:.3e}  "
+                f"max abs diff {output.max_abs_diff:.3e}"
             )
     return "\n".join(lines)
 
@@ -211,19 +221,16 @@ def format_accuracy(
 def format_comparison(summaries: Sequence[AlgorithmSummary], *, title: str) -> str:
     """A plain-text table of the summaries."""
     header = (
-        f"{'algorithm':<11} {'samples/s':>10} {'samples/batch':>14} {'token fill':>11} "
-        f"{'vs padded':>10}"
+        f"{'algorithm':<11} {'samples/s':>10} {'samples/batch':>14} {'queued/batch':>13} "
+        f"{'token fill':>11} {'vs padded':>10}"
     )
     lines = [title, header, "-" * len(header)]
     lines.extend(
         f"{s.algorithm.value:<11} {s.samples_per_s:>10.1f} {s.mean_samples_per_batch:>14.2f} "
-        f"{s.token_fill:>10.1%} {s.ratio_to_padded:>9.2f}x"
+        f"{s.queued_samples_per_batch:>13.2f} {s.token_fill:>10.1%} {s.ratio_to_padded:>9.2f}x"
         for s in summaries
     )
+    lines.append(
+        "queued/batch: samples per batch when the whole dataset is queued before the first batch"
+    )
     return "\n".join(lines)
-
-
-def _with_algorithm(config: RunnerConfig, algorithm: PackAlgorithm) -> RunnerConfig:
-    from dataclasses import replace
-
-    return replace(config, algorithm=algorithm)

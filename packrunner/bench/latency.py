@@ -1,4 +1,4 @@
-"""Latency measurement: the seed's closed loop, an open (Poisson) loop, and percentile maths."""
+"""Latency measurement: PopRT's closed loop, an open (Poisson) loop, and percentile maths."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class Target(Protocol):
 def percentile(values: Sequence[float] | npt.NDArray[np.float64], q: float) -> float:
     """Nearest-rank percentile: the smallest value with at least ``q`` percent at or below it.
 
-    This is the definition the seed uses (``sorted(v)[int(len(v) * 0.99)]`` for p99, up to
+    This is the definition PopRT's example uses (``sorted(v)[int(len(v) * 0.99)]`` for p99, up to
     its off-by-one on exact multiples) and never interpolates a latency nobody observed.
     """
     if len(values) == 0:
@@ -95,9 +95,9 @@ def closed_loop(
     keep_fraction: float = 0.6,
     on_request: Callable[[], None] | None = None,
 ) -> tuple[LatencySummary, npt.NDArray[np.float64]]:
-    """The seed's latency test: ``clients`` threads each calling blocking ``execute`` in a loop.
+    """PopRT's latency test: ``clients`` threads each calling blocking ``execute`` in a loop.
 
-    As in the seed, each client drops the first and last ``(1 - keep_fraction) / 2`` of its
+    As in PopRT's example, each client drops the first and last ``(1 - keep_fraction) / 2`` of its
     requests (warm-up and drain), and throughput is the kept requests over the span from the
     earliest kept start to the latest kept end.
 
@@ -122,8 +122,10 @@ def closed_loop(
             if on_request is not None:
                 on_request()
 
+    # Daemon threads: a Ctrl-C while they run must not keep the process alive until they finish.
     threads = [
-        threading.Thread(target=client, args=(n,), name=f"client-{n}") for n in range(clients)
+        threading.Thread(target=client, args=(n,), name=f"client-{n}", daemon=True)
+        for n in range(clients)
     ]
     for thread in threads:
         thread.start()

@@ -1,6 +1,6 @@
 """Offline runs: the whole dataset packed (or padded) up front, then run batch after batch.
 
-This is the seed's "Original" and "Offline pack" path: packing time is reported separately,
+This is PopRT's example's "Original" and "Offline pack" path: packing time is reported separately,
 throughput counts device execution and unpacking only.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from packrunner._codec import BatchFeeder
-from packrunner.config import PackAlgorithm, RunnerConfig
+from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device
-from packrunner.packing import PackPlan, pack_offline, plan_batch, unpack_outputs
+from packrunner.packing import PackPlan, drain_queue, pack_offline, unpack_outputs
 
 __all__ = ["OfflineRun", "plan_dataset", "run_offline"]
 
@@ -43,44 +43,28 @@ class OfflineRun:
 
 def plan_dataset(
     lengths: Sequence[int],
-    mode: str,
+    form: InputForm,
     *,
     batch_size: int,
     seq_len: int,
     max_valid_num: int,
 ) -> list[PackPlan]:
-    """Batches for a whole dataset: ``"padded"`` (one per row, in order), ``"attention_mask"``
-    (our best offline packing) or ``"unpack_repack"`` (across rows)."""
-    if mode == "padded":
-        return [
-            _reindex(
-                plan_batch(
-                    lengths[start : start + batch_size],
-                    algorithm=PackAlgorithm.PADDED,
-                    batch_size=batch_size,
-                    seq_len=seq_len,
-                    max_valid_num=batch_size,
-                ),
-                start,
-            )
-            for start in range(0, len(lengths), batch_size)
-        ]
+    """Batches for a whole dataset in ``form``: ``PADDED`` (one sample per row, in order),
+    ``PACKED`` (our best offline packing) or ``UNPACK_REPACK`` (across rows)."""
+    if form is InputForm.PADDED:
+        return drain_queue(
+            lengths,
+            algorithm=PackAlgorithm.PADDED,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            max_valid_num=batch_size,
+        )
     return pack_offline(
         lengths,
         batch_size=batch_size,
         seq_len=seq_len,
         max_valid_num=max_valid_num,
-        across_rows=mode == "unpack_repack",
-    )
-
-
-def _reindex(plan: PackPlan, offset: int) -> PackPlan:
-    return PackPlan(
-        tuple(offset + i for i in plan.chosen),
-        plan.lengths,
-        plan.starts,
-        plan.segment_ids,
-        plan.full,
+        across_rows=form is InputForm.UNPACK_REPACK,
     )
 
 

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 from packrunner.convert._converter import (
     PACKED_INPUT_NAMES,
-    build_parser,
     convert_file,
     convert_to_packed,
-    main,
 )
 from packrunner.errors import ConversionError
 
 __all__ = [
     "PACKED_INPUT_NAMES",
     "ConversionError",
-    "build_parser",
     "convert_file",
     "convert_to_packed",
-    "main",
 ]

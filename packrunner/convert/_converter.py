@@ -38,11 +38,8 @@ or from the command line: ``packrunner convert bert_squad.onnx bert_squad_packed
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -77,16 +74,11 @@ from packrunner.graphs import UNPACK_INFO, GraphView, default_opset
 
 __all__ = [
     "PACKED_INPUT_NAMES",
-    "build_parser",
     "convert_file",
     "convert_to_packed",
-    "main",
 ]
 
 logger = logging.getLogger("packrunner.convert")
-
-# The spellings of `packrunner convert --attention` (InputForm.from_legacy reads them).
-_ATTENTION_MODES = ("block_diagonal", "padding", "unpack_repack")
 
 
 def convert_to_packed(
@@ -221,75 +213,6 @@ def convert_file(
         location=f"{out.name}.data",
     )
     return converted
-
-
-def build_parser(prog: str = "packrunner convert") -> argparse.ArgumentParser:
-    """The argument parser of ``packrunner convert`` (for embedding as a sub-command)."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Convert a Hugging Face BERT ONNX export into packrunner's packed form "
-        "(segment-id attention mask, position_ids input, int32 [batch, seq] inputs).",
-    )
-    parser.add_argument("input", type=Path, metavar="IN.onnx", help="the exported model")
-    parser.add_argument("output", type=Path, metavar="OUT.onnx", help="where to write the result")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per batch (default 16)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
-    parser.add_argument(
-        "--attention",
-        choices=_ATTENTION_MODES,
-        default="block_diagonal",
-        help="block_diagonal (default): attention_mask holds segment ids; padding: keep the "
-        "0/1 padding mask (negative control); unpack_repack: samples may cross rows, "
-        "unpack_info input (packrunner's stream mode)",
-    )
-    parser.add_argument(
-        "--max-valid-num",
-        type=int,
-        default=40,
-        help="sample slots of an unpack_repack model (default 40)",
-    )
-    parser.add_argument(
-        "--keep-row-outputs",
-        action="store_true",
-        help="keep outputs without a sequence axis (e.g. pooler_output)",
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``packrunner convert IN.onnx OUT.onnx [--batch-size N] [--seq-len N]``.
-
-    Args:
-        argv: The arguments after ``convert`` (``sys.argv[1:]`` when None).
-
-    Returns:
-        0 on success, 1 when the model cannot be read or converted (the reason goes to stderr).
-        Bad arguments exit with status 2 through argparse.
-    """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.seq_len < 1 or args.max_valid_num < 1:
-        parser.error("--batch-size, --seq-len and --max-valid-num must be >= 1")
-    if args.keep_row_outputs and args.attention == "unpack_repack":
-        parser.error("--keep-row-outputs cannot be combined with --attention unpack_repack")
-    try:
-        convert_file(
-            args.input,
-            args.output,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            attention=args.attention,
-            keep_row_outputs=args.keep_row_outputs,
-            max_valid_num=args.max_valid_num,
-        )
-    except (ConversionError, OSError) as exc:
-        sys.stderr.write(f"packrunner convert: {args.input}: {exc}\n")
-        return 1
-    sys.stdout.write(
-        f"wrote {args.output} (batch_size={args.batch_size}, seq_len={args.seq_len}, "
-        f"attention={args.attention})\n"
-    )
-    return 0
 
 
 # --------------------------------------------------------------------------------------------

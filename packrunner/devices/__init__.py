@@ -10,14 +10,14 @@ from __future__ import annotations
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 from packrunner.devices.onnx import BATCH_COUPLING_OPS, OnnxDevice
 from packrunner.devices.simulated import (
-    SEED_IPU_BATCH_LATENCY_US,
+    POPRT_IPU_BATCH_LATENCY_US,
     SimulatedDevice,
     simulated_reference,
 )
 
 __all__ = [
     "BATCH_COUPLING_OPS",
-    "SEED_IPU_BATCH_LATENCY_US",
+    "POPRT_IPU_BATCH_LATENCY_US",
     "Device",
     "OnnxDevice",
     "OutputLayout",

@@ -11,6 +11,9 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+# onnx.load raises protobuf's DecodeError for bytes that are not a model; protobuf ships no stubs.
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
+
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 from packrunner.errors import ConfigError, DeviceError
 
@@ -70,7 +73,8 @@ class OnnxDevice(Device):
             batch mates. Only after checking packed against padded results yourself.
 
     Raises:
-        ConfigError: The model's inputs are not integer tensors of one fixed shape.
+        ConfigError: The file is missing, empty or not an ONNX model, or the model's inputs
+            are not integer tensors of one fixed shape.
     """
 
     def __init__(
@@ -102,7 +106,12 @@ class OnnxDevice(Device):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ConfigError(f"model_path {str(self.model_path)!r} is not a file")
-        model = onnx.load(str(self.model_path), load_external_data=False)
+        if self.model_path.stat().st_size == 0:
+            raise ConfigError(f"model_path {str(self.model_path)!r} is empty, not an ONNX model")
+        try:
+            model = onnx.load(str(self.model_path), load_external_data=False)
+        except DecodeError as exc:
+            raise ConfigError(f"{str(self.model_path)!r} is not an ONNX model: {exc}") from exc
         graph = model.graph
         coupling = sorted({node.op_type for node in graph.node} & BATCH_COUPLING_OPS)
         if coupling and not allow_batch_coupling_ops:

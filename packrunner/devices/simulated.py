@@ -23,10 +23,10 @@ import numpy.typing as npt
 from packrunner.config import InputForm
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 
-__all__ = ["SEED_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
+__all__ = ["POPRT_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
 
-#: The seed's IPU runs 16 padded bert-base samples at 1861 samples/s: 8.6 ms per batch.
-SEED_IPU_BATCH_LATENCY_US = 8_600
+#: PopRT's IPU runs 16 padded bert-base samples at 1861 samples/s: 8.6 ms per batch.
+POPRT_IPU_BATCH_LATENCY_US = 8_600
 
 OUTPUT_NAMES = ("start_logits", "end_logits")
 
@@ -86,7 +86,7 @@ class SimulatedDevice(Device):
     Args:
         batch_size: Compiled rows.
         seq_len: Compiled tokens per row.
-        batch_latency_us: Wall time one batch takes (default: the seed's IPU, 8.6 ms).
+        batch_latency_us: Wall time one batch takes (default: PopRT's IPU, 8.6 ms).
         form: The :class:`~packrunner.InputForm` it is compiled for. ``PACKED`` (default):
             inputs ``input_ids``, ``token_type_ids``, ``position_ids`` and ``attention_mask``
             with segment ids, outputs ``[batch_size, seq_len]``. ``PADDED``: no
@@ -108,7 +108,7 @@ class SimulatedDevice(Device):
         *,
         batch_size: int = 16,
         seq_len: int = 256,
-        batch_latency_us: int = SEED_IPU_BATCH_LATENCY_US,
+        batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US,
         form: InputForm | str = InputForm.PACKED,
         max_valid_num: int = 40,
         mode: str | None = None,

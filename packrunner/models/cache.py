@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -41,11 +41,36 @@ DEFAULT_SEED: Final = 0
 
 
 def default_cache_dir() -> Path:
-    """``$PACKRUNNER_CACHE`` if set (and non-empty), else ``~/.cache/packrunner``."""
+    """``$PACKRUNNER_CACHE`` if set (and non-empty), else ``$XDG_CACHE_HOME/packrunner`` (when
+    that is an absolute path, as the XDG base directory spec requires), else
+    ``~/.cache/packrunner``."""
     configured = os.environ.get(CACHE_ENV_VAR)
     if configured:
         return Path(configured).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "packrunner"
     return Path.home() / ".cache" / "packrunner"
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache directory so that one process builds, others wait.
+
+    The lock is on the directory itself, so it leaves no file behind. Without ``fcntl``
+    (Windows) every process may build; the atomic write keeps that safe.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -82,7 +107,7 @@ def default_model_path(
     The model is :data:`~packrunner.models.bert.DEFAULT_CONFIG` with
     ``random_bert_weights(DEFAULT_CONFIG, seed=0)``, built by
     :func:`~packrunner.models.builder.build_bert_onnx` at opset 17. Safe to call from several
-    processes at once: each may build, but the file appears atomically.
+    processes at once: one builds while the others wait for its file, which appears atomically.
 
     Args:
         form: The model's :class:`~packrunner.InputForm` (or its value).
@@ -136,9 +161,10 @@ def _cached_model(
     path = (directory / f"{stem}-{digest}.onnx").absolute()
     if path.is_file():
         return path
-    model = build()
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, model.SerializeToString(deterministic=True))
+    with _build_lock(directory):
+        if not path.is_file():  # another process may have built it while we waited
+            _atomic_write(path, build().SerializeToString(deterministic=True))
     return path
 
 

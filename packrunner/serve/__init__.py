@@ -8,18 +8,18 @@ OpenAI-compatible ``/v1/embeddings``, TEI-style routes, Prometheus ``/metrics``;
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import typing
 
 from packrunner.serve.settings import ServeSettings
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from packrunner.serve.app import Server
     from packrunner.serve.model import ServedModel, load_model
 
 __all__ = ["ServeSettings", "ServedModel", "Server", "load_model"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> typing.Any:
     if name == "Server":
         from packrunner.serve.app import Server
 

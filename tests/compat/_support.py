@@ -10,11 +10,12 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from tests._support import make_sample as make_token_sample
+
 # A tiny static shape keeps every batch in the millisecond range.
 BATCH_SIZE = 2
 SEQ_LEN = 16
 MAX_VALID_NUM = 6
-VOCAB = 30522
 OUTPUTS = ("start_logits", "end_logits")
 
 TOLERANCE = 1e-5
@@ -42,10 +43,11 @@ class Sample:
 
 
 def make_sample(rng: np.random.Generator, length: int) -> Sample:
+    tokens = make_token_sample(rng, length)
     return Sample(
-        input_ids=rng.integers(0, VOCAB, length, dtype=np.int32),
+        input_ids=tokens["input_ids"],
         attention_mask=np.ones(length, dtype=np.int32),
-        token_type_ids=rng.integers(0, 2, length, dtype=np.int32),
+        token_type_ids=tokens["token_type_ids"],
         position_ids=np.arange(length, dtype=np.int32),
         input_len=length,
     )

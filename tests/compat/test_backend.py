@@ -40,7 +40,7 @@ def test_run_returns_outputs_in_the_order_asked(padded_model: Path) -> None:
     sess = get_session(str(padded_model), 1, "poprt").load()
     assert sess.load() is sess  # idempotent
     feeds = padded_feeds([5, 16])
-    # The seed feeds position_ids to the padded model, which does not take them: dropped.
+    # PopRT's example feeds position_ids to the padded model, which does not take them: dropped.
     end, start = sess.run(["end_logits", "start_logits"], feeds)
     assert end.shape == start.shape == (BATCH_SIZE, SEQ_LEN)
     start_again, end_again = sess.run(None, feeds)
@@ -119,13 +119,14 @@ def test_offline_pack_data_runs_on_the_session(
     reference: PaddedReference,
     across_rows: bool,
 ) -> None:
-    # The seed's offline path: pack_data -> sess.run on the packed batch -> cut per sample.
+    # PopRT's offline path: pack_data -> sess.run on the packed batch -> cut per sample.
     samples = make_samples([9, 5, 16, 3, 7, 2], seed=12)
     model = unpack_repack_model if across_rows else packed_model
     sess = get_session(model, 1, "poprt").load()
     transfer = pack_data(samples, 0, BATCH_SIZE, SEQ_LEN, MAX_VALID_NUM, 1, across_rows)
     assert transfer.count > 1
-    # The seed passes the [max_valid_num, 1] unpack_info and the attention mask to both models.
+    # PopRT's example passes the [max_valid_num, 1] unpack_info and the attention mask to both
+    # models.
     feeds = {**transfer.data, "unpack_info": transfer.unpack_info}
     if not across_rows:
         feeds.pop("unpack_info")

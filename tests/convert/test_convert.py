@@ -28,24 +28,21 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from packrunner.cli import main as cli_main
 from packrunner.convert import (
     PACKED_INPUT_NAMES,
     ConversionError,
     convert_file,
     convert_to_packed,
-    main,
 )
 from packrunner.graphs import MASK_BIAS
+from tests._support import Placement, Sample, pack_first_fit, token_samples
 
 from ._support import (
-    Placement,
-    Sample,
     fill_lengths,
     fixture_path,
     make_session,
-    pack,
     per_sample_max_diff,
-    random_samples,
     record_diff,
     run,
     run_single,
@@ -79,8 +76,8 @@ def _packed_batch(
     seed: int,
 ) -> tuple[dict[str, npt.NDArray[np.int32]], list[Placement], list[Sample]]:
     rng = np.random.default_rng(seed)
-    samples = random_samples(rng, fill_lengths(rng, ROWS_USED, SEQ), VOCAB)
-    feeds, placements = pack(samples, BATCH, SEQ, rows_used=ROWS_USED)
+    samples = token_samples(rng, fill_lengths(rng, ROWS_USED, SEQ), VOCAB)
+    feeds, placements = pack_first_fit(samples, BATCH, SEQ, rows_used=ROWS_USED)
     return feeds, placements, samples
 
 
@@ -160,8 +157,8 @@ def test_padding_mode_matches_one_sample_per_row() -> None:
     rng = np.random.default_rng(3)
     # Longer than half a row each, so first-fit puts exactly one per row.
     lengths = [int(n) for n in rng.integers(SEQ // 2 + 1, SEQ + 1, size=BATCH)]
-    samples = random_samples(rng, lengths, VOCAB)
-    feeds, placements = pack(samples, BATCH, SEQ)
+    samples = token_samples(rng, lengths, VOCAB)
+    feeds, placements = pack_first_fit(samples, BATCH, SEQ)
     assert [p.row for p in placements] == list(range(BATCH))
     outputs = run(make_session(model.SerializeToString()), feeds)
     original = make_session(fixture_path("tiny_hf_bert_qa"))
@@ -178,8 +175,8 @@ def test_all_padding_batch_is_finite(converted: onnx.ModelProto) -> None:
 def test_other_batch_shape() -> None:
     model = convert_to_packed(fixture_path("tiny_hf_bert_qa"), batch_size=3, seq_len=40)
     rng = np.random.default_rng(4)
-    samples = random_samples(rng, [40, 1, 7, 20, 12, 5], VOCAB)
-    feeds, placements = pack(samples, 3, 40)
+    samples = token_samples(rng, [40, 1, 7, 20, 12, 5], VOCAB)
+    feeds, placements = pack_first_fit(samples, 3, 40)
     assert feeds["input_ids"].shape == (3, 40)
     outputs = run(make_session(model.SerializeToString()), feeds)
     assert outputs["start_logits"].shape == (3, 40)
@@ -254,7 +251,7 @@ def _stream_batch(
         if sum(lengths) + n > BATCH * SEQ - 100:  # and some stream padding at the end
             break
         lengths.append(n)
-    samples = random_samples(rng, lengths, VOCAB)
+    samples = token_samples(rng, lengths, VOCAB)
     feeds, placements = stream_pack(samples, BATCH, SEQ, MAX_VALID)
     return feeds, placements, samples
 
@@ -339,7 +336,8 @@ def test_unpack_repack_rejects_keep_row_outputs() -> None:
 def test_cli_unpack_repack(tmp_path: Path) -> None:
     out = tmp_path / "stream.onnx"
     argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--attention", "unpack_repack"]
-    assert main([*argv, "--max-valid-num", "8", "--batch-size", "2", "--seq-len", "32"]) == 0
+    shape = ["--max-valid-num", "8", "--batch-size", "2", "--seq-len", "32"]
+    assert cli_main(["convert", *argv, *shape]) == 0
     model = onnx.load(str(out))
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [8, 32]
 
@@ -490,13 +488,13 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
 def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "packed.onnx"
     argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--batch-size", "4", "--seq-len", "64"]
-    assert main(argv) == 0
+    assert cli_main(["convert", *argv]) == 0
     assert "wrote" in capsys.readouterr().out
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     rng = np.random.default_rng(6)
-    samples = random_samples(rng, [64, 30, 30, 4, 1, 17], VOCAB)
-    feeds, placements = pack(samples, 4, 64)
+    samples = token_samples(rng, [64, 30, 30, 4, 1, 17], VOCAB)
+    feeds, placements = pack_first_fit(samples, 4, 64)
     outputs = run(make_session(out), feeds)
     original = make_session(fixture_path("tiny_hf_bert_qa"))
     diff = per_sample_max_diff(outputs, placements, [run_single(original, s) for s in samples])
@@ -514,14 +512,15 @@ def test_cli_reports_conversion_error(tmp_path: Path, capsys: pytest.CaptureFixt
         ),
         str(source),
     )
-    assert main([str(source), str(tmp_path / "out.onnx")]) == 1
+    assert cli_main(["convert", str(source), str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err
-    assert "packrunner convert:" in err and "graph input 'input_ids' not found" in err
+    assert "packrunner convert: error:" in err and "graph input 'input_ids' not found" in err
     assert not (tmp_path / "out.onnx").exists()
-    assert main([str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx")]) == 1
+    assert cli_main(["convert", str(tmp_path / "missing.onnx"), str(tmp_path / "out.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_sizes(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit) as excinfo:
-        main([str(fixture_path("tiny_hf_bert_qa")), str(tmp_path / "o.onnx"), "--seq-len", "0"])
-    assert excinfo.value.code == 2
+    argv = ["convert", str(fixture_path("tiny_hf_bert_qa")), str(tmp_path / "o.onnx")]
+    assert cli_main([*argv, "--seq-len", "0"]) == 2
+    assert cli_main([*argv, "--attention", "unpack_repack", "--keep-row-outputs"]) == 2

@@ -18,8 +18,9 @@ from packrunner import InputForm, PackRunner, RunnerConfig
 from packrunner.config import PackAlgorithm
 from packrunner.convert import convert_file
 from packrunner.devices.onnx import OnnxDevice
+from tests._support import token_samples
 
-from ._support import fixture_path, make_session, random_samples, run_single
+from ._support import fixture_path, make_session, run_single
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_engine_runs_converted_model(
     model_path = tmp_path / "packed.onnx"
     convert_file(fixture_path("tiny_hf_bert_qa"), model_path, form=form)
     rng = np.random.default_rng(11)
-    samples = random_samples(rng, [int(n) for n in rng.integers(1, 257, size=40)], 128)
+    samples = token_samples(rng, [int(n) for n in rng.integers(1, 257, size=40)], 128)
     config = RunnerConfig(algorithm=algorithm, timeout_us=2_000)
     with (
         PackRunner(OnnxDevice(model_path, intra_op_num_threads=2), config) as runner,

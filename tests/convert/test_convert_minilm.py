@@ -30,13 +30,11 @@ from tokenizers import Tokenizer
 from transformers import BertModel
 
 from packrunner.convert import convert_to_packed
+from tests._support import Placement, Sample, pack_first_fit
 
 from ._support import (
     FloatArray,
-    Placement,
-    Sample,
     make_session,
-    pack,
     per_sample_max_diff,
     record_diff,
     run,
@@ -179,7 +177,7 @@ def test_minilm_block_diagonal(
 ) -> None:
     model, path = exported
     converted = convert_to_packed(path)
-    feeds, placements = pack(samples, 16, 256)
+    feeds, placements = pack_first_fit(samples, 16, 256)
     rows = np.bincount([p.row for p in placements])
     assert len(rows) >= 2 and rows.max() >= 3  # several sentences per row
     assert any(s.token_type_ids.any() for s in samples)  # pairs exercise token_type_ids
@@ -208,7 +206,7 @@ def test_minilm_converted_equals_the_graph_built_from_safetensors(
     converted = convert_to_packed(path)
     config, weights = load_hf_checkpoint(MODEL_DIR)
     built = build_bert_onnx(config, weights, form="packed", head="encoder")
-    feeds, _ = pack(samples, 16, 256)
+    feeds, _ = pack_first_fit(samples, 16, 256)
     from_converter = run(make_session(converted.SerializeToString()), feeds)
     built_session = make_session(built.SerializeToString())
     built_feeds = {i.name: feeds[i.name].astype(np.int32) for i in built_session.get_inputs()}

@@ -15,16 +15,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from packrunner.convert import ConversionError, convert_to_packed
+from tests._support import pack_first_fit, token_samples
 
-from ._support import (
-    make_session,
-    pack,
-    per_sample_max_diff,
-    random_samples,
-    run,
-    run_single,
-    stream_pack,
-)
+from ._support import make_session, per_sample_max_diff, run, run_single, stream_pack
 
 HIDDEN, VOCAB, POSITIONS = 8, 50, 64
 BATCH, SEQ = 4, 32
@@ -112,8 +105,8 @@ def test_bert_like_graph(opset: int, slice_name: str) -> None:
     assert unsqueeze_axes_inputs == ({1} if opset < 13 else {2})
 
     rng = np.random.default_rng(7)
-    samples = random_samples(rng, [SEQ, 1, 10, 9, 7, 3, 20, 12, 2], VOCAB)
-    feeds, placements = pack(samples, BATCH, SEQ)
+    samples = token_samples(rng, [SEQ, 1, 10, 9, 7, 3, 20, 12, 2], VOCAB)
+    feeds, placements = pack_first_fit(samples, BATCH, SEQ)
     reference = make_session(original.SerializeToString())
     references = [run_single(reference, s) for s in samples]
     session = make_session(converted.SerializeToString())

@@ -30,9 +30,9 @@ from packrunner.graphs import (
     padding_bias,
 )
 from packrunner.models import BertConfig, build_bert_onnx, random_bert_weights
+from tests._support import Sample, pack_padded, pack_rows, pack_stream, token_samples
 from tests.convert._support import fixture_path
-from tests.models._helpers import TOLERANCE, OrtModel, max_abs_diff
-from tests.models._packing import Sample, pack_padded, pack_rows, pack_stream, random_samples
+from tests.models._support import TOLERANCE, OrtModel, max_abs_diff
 
 CONFIG = BertConfig(
     vocab_size=60,
@@ -73,7 +73,7 @@ def samples() -> list[Sample]:
     """One sample of every length 1..SEQ, in a shuffled order."""
     rng = np.random.default_rng(7)
     lengths = [int(n) for n in rng.permutation(np.arange(1, SEQ + 1))]
-    return random_samples(rng, lengths, CONFIG.vocab_size)
+    return token_samples(rng, lengths, CONFIG.vocab_size, pairs=True)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def _run_packed(
         out = model({name: feeds[name] for name in model.input_names})
         order = [i for row in rows for i in row]
         for index, place in zip(order, placements, strict=True):
-            end = place.start + samples[index].length
-            results[index] = {name: v[place.row, place.start : end] for name, v in out.items()}
+            end = place.offset + samples[index].length
+            results[index] = {name: v[place.row, place.offset : end] for name, v in out.items()}
     assert len(results) == len(samples)
     return [results[i] for i in range(len(samples))]
 

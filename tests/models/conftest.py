@@ -16,7 +16,7 @@ from packrunner.models import (
     random_bert_weights,
 )
 
-from ._helpers import MAX_DIFFS, OrtModel
+from ._support import MAX_DIFFS, OrtModel
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

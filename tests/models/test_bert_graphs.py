@@ -28,17 +28,17 @@ from packrunner.models import (
     random_bert_weights,
     reference_forward,
 )
-
-from ._helpers import TOLERANCE, OrtModel, max_abs_diff, record_max_diff
-from ._packing import (
+from tests._support import (
     Feeds,
-    RowPlacement,
+    Placement,
     Sample,
     pack_padded,
     pack_rows,
     pack_stream,
-    random_samples,
+    token_samples,
 )
+
+from ._support import TOLERANCE, OrtModel, max_abs_diff, record_max_diff
 
 B, S, M = 16, 256, 40
 H = DEFAULT_CONFIG.hidden_size
@@ -52,7 +52,7 @@ class PackedCase:
     rows: list[list[Sample]]
     samples: list[Sample]  # row-major order, matching placements
     feeds: Feeds
-    placements: list[RowPlacement]
+    placements: list[Placement]
     references: PerSample
 
 
@@ -101,7 +101,8 @@ def _row_lengths(rng: np.random.Generator) -> list[list[int]]:
 def packed_case(default_weights: BertWeights) -> PackedCase:
     rng = np.random.default_rng(1234)
     rows = [
-        random_samples(rng, lengths, DEFAULT_CONFIG.vocab_size) for lengths in _row_lengths(rng)
+        token_samples(rng, lengths, DEFAULT_CONFIG.vocab_size, pairs=True)
+        for lengths in _row_lengths(rng)
     ]
     feeds, placements = pack_rows(rows, B, S)
     samples = [sample for row in rows for sample in row]
@@ -135,7 +136,7 @@ STREAM_KINDS = ("trailing_empty_slots", "empty_slots_inside", "full_stream")
 def stream_case(request: pytest.FixtureRequest, default_weights: BertWeights) -> StreamCase:
     rng = np.random.default_rng(99)
     lengths = _stream_lengths(request.param, rng)
-    samples = random_samples(rng, lengths, DEFAULT_CONFIG.vocab_size)
+    samples = token_samples(rng, lengths, DEFAULT_CONFIG.vocab_size, pairs=True)
     feeds, starts = pack_stream(samples, B, S, M)
     return StreamCase(samples, feeds, starts, _references(default_weights, samples))
 
@@ -143,8 +144,8 @@ def stream_case(request: pytest.FixtureRequest, default_weights: BertWeights) ->
 # --- Per-sample extraction from each layout. -------------------------------------------------
 
 
-def _from_packed(out: Outputs, head: Head, placement: RowPlacement, length: int) -> Outputs:
-    r, start = placement.row, placement.start
+def _from_packed(out: Outputs, head: Head, placement: Placement, length: int) -> Outputs:
+    r, start = placement.row, placement.offset
     if head == "qa":
         return {name: out[name][r, start : start + length] for name in output_names(head)}
     return {
@@ -294,7 +295,7 @@ def test_unpack_repack_negative_control_merged_samples_differ(
     position 0), so this proves the per-sample length mask really separates stream neighbours.
     """
     rng = np.random.default_rng(7)
-    samples = random_samples(rng, [30, 100, 126, 5], DEFAULT_CONFIG.vocab_size)
+    samples = token_samples(rng, [30, 100, 126, 5], DEFAULT_CONFIG.vocab_size, pairs=True)
     feeds, _ = pack_stream(samples, B, S, M)
     merged = dict(feeds)
     merged["unpack_info"] = feeds["unpack_info"].copy()
@@ -345,7 +346,7 @@ def test_other_opsets_give_same_outputs(form: InputForm, head: Head, opset: int)
     """The graph uses no op whose signature changed after opset 17 in an incompatible way."""
     weights = random_bert_weights(DEFAULT_CONFIG, seed=3)
     rng = np.random.default_rng(5)
-    samples = random_samples(rng, [7, 20, 5, 0, 30], DEFAULT_CONFIG.vocab_size)
+    samples = token_samples(rng, [7, 20, 5, 0, 30], DEFAULT_CONFIG.vocab_size, pairs=True)
     if form == "packed":
         feeds, _ = pack_rows([samples[:2], [], [samples[2]], [samples[4]]], 4, 32)
     else:

@@ -23,9 +23,9 @@ from packrunner.models import (
     minilm_checkpoint_dir,
     reference_forward,
 )
+from tests._support import Sample, pack_padded, pack_rows
 
-from ._helpers import TOLERANCE, OrtModel, max_abs_diff, record_max_diff
-from ._packing import Sample, pack_padded, pack_rows
+from ._support import TOLERANCE, OrtModel, max_abs_diff, record_max_diff
 
 B, S, M = 4, 128, 8
 
@@ -124,7 +124,7 @@ def test_minilm_packed_matches_padded_and_reference(
     for index, placement in zip(order, placements, strict=True):
         sample = minilm.samples[index]
         n = sample.length
-        hidden = packed["last_hidden_state"][placement.row, placement.start : placement.start + n]
+        hidden = packed["last_hidden_state"][placement.row, placement.offset : placement.offset + n]
         pooled = packed["sentence_embedding"][placement.row, placement.segment - 1]
         source, slot = (padded, index) if index < B else (padded_rest, index - B)
         reference = reference_forward(

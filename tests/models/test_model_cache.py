@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,38 @@ def test_cache_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     path = default_model_path("packed", batch_size=1, seq_len=8)
     assert path.parent == (tmp_path / "env-cache").absolute()
     monkeypatch.delenv(CACHE_ENV_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "packrunner"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the XDG spec says
     assert default_cache_dir() == Path.home() / ".cache" / "packrunner"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == Path.home() / ".cache" / "packrunner"
+
+
+# Run by each of two processes: count this process's builds in a shared log, then print the path.
+_BUILD_IN_A_PROCESS = """
+import sys
+import packrunner.models.cache as cache
+real_build = cache.build_bert_onnx
+def counting_build(*args, **kwargs):
+    with open(sys.argv[2], "a") as log:
+        log.write("built\\n")
+    return real_build(*args, **kwargs)
+cache.build_bert_onnx = counting_build
+print(cache.default_model_path("packed", batch_size=2, seq_len=16, cache_dir=sys.argv[1]))
+"""
+
+
+def test_two_processes_building_the_same_model_build_it_once(tmp_path: Path) -> None:
+    cache, log = tmp_path / "cache", tmp_path / "builds.log"
+    command = [sys.executable, "-c", _BUILD_IN_A_PROCESS, str(cache), str(log)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=120)[0].strip() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0]
+    assert outputs[0] == outputs[1]
+    assert log.read_text().splitlines() == ["built"]  # the other process waited, then reused
+    onnx.checker.check_model(onnx.load(outputs[0]), full_check=True)
+    assert [p.name for p in cache.iterdir()] == [Path(outputs[0]).name]
 
 
 def test_concurrent_callers_get_one_complete_file(tmp_path: Path) -> None:

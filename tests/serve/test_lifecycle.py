@@ -29,7 +29,7 @@ from packrunner.models import BertConfig, random_bert_weights
 from packrunner.serve import ServedModel, load_model
 from packrunner.serve.cli import add_arguments, run, settings_from_args
 from packrunner.serve.tokenizer import build_default_tokenizer
-from tests.helpers import GatedDevice
+from tests._support import GatedDevice
 
 from ._support import ServerThread, settings
 

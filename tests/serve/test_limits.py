@@ -1,6 +1,6 @@
 """Bad requests, limits, overload, deadlines, disconnects and auth, on a gated simulated device.
 
-The device (tests.helpers.GatedDevice) blocks each batch until the test opens its gate, so
+The device (tests._support.GatedDevice) blocks each batch until the test opens its gate, so
 "admitted", "packed" and "waiting" are states the test controls rather than races it hopes to
 win. Admission is observed through a hook on the engine, the end of a request through a hook
 on the service's request record: events, not sleeps.
@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from packrunner import RunnerConfig
 from packrunner.serve import ServedModel
 from packrunner.serve.tokenizer import TextEncoder, build_default_tokenizer
-from tests.helpers import GatedDevice, PoisonDevice, reference
+from tests._support import GatedDevice, PoisonDevice, reference
 
 from ._support import ServerThread, settings
 
