@@ -98,9 +98,8 @@ class InputForm(enum.StrEnum):
     def from_legacy(cls, value: str, *, what: str) -> InputForm:
         """:meth:`parse`, also accepting the names packrunner used before this vocabulary.
 
-        Only for the deprecated keyword arguments that still carry them:
-        ``SimulatedDevice(mode="attention_mask")`` and the converter's
-        ``attention="block_diagonal" | "padding"``.
+        Only for the hidden ``packrunner convert --attention`` alias, which scripts written
+        before this vocabulary still pass (``block_diagonal``, ``padding``).
         """
         return cls.parse(_LEGACY_SPELLINGS.get(value, value), what=what)
 
@@ -113,9 +112,8 @@ _DEFAULT_ALGORITHMS: dict[InputForm, PackAlgorithm] = {
 }
 # Names one input form had before InputForm; read only by InputForm.from_legacy.
 _LEGACY_SPELLINGS: dict[str, InputForm] = {
-    "attention_mask": InputForm.PACKED,  # SimulatedDevice(mode=...)
-    "block_diagonal": InputForm.PACKED,  # convert_to_packed(attention=...)
-    "padding": InputForm.PADDED,  # convert_to_packed(attention=...)
+    "block_diagonal": InputForm.PACKED,
+    "padding": InputForm.PADDED,
 }
 
 

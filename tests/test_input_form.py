@@ -55,7 +55,6 @@ def test_parse_takes_members_and_values_only() -> None:
 @pytest.mark.parametrize(
     ("legacy", "form"),
     [
-        ("attention_mask", InputForm.PACKED),
         ("block_diagonal", InputForm.PACKED),
         ("padding", InputForm.PADDED),
         ("unpack_repack", InputForm.UNPACK_REPACK),
@@ -63,7 +62,7 @@ def test_parse_takes_members_and_values_only() -> None:
     ],
 )
 def test_legacy_spellings_map_once(legacy: str, form: InputForm) -> None:
-    assert InputForm.from_legacy(legacy, what="mode") is form
+    assert InputForm.from_legacy(legacy, what="--attention") is form
 
 
 def test_simulated_device_inputs_per_form() -> None:
@@ -85,11 +84,8 @@ def test_simulated_device_inputs_per_form() -> None:
     ]
 
 
-def test_simulated_device_keeps_its_mode_keyword() -> None:
-    assert SimulatedDevice(mode="attention_mask").form is InputForm.PACKED
-    assert SimulatedDevice(mode="unpack_repack").form is InputForm.UNPACK_REPACK
-    with pytest.raises(ValueError, match="mode must be one of"):
-        SimulatedDevice(mode="rows")
+def test_simulated_device_takes_only_the_form_vocabulary() -> None:
+    assert SimulatedDevice(form="unpack_repack").form is InputForm.UNPACK_REPACK
     with pytest.raises(ValueError, match="form must be one of"):
         SimulatedDevice(form="attention_mask")
 

@@ -11,6 +11,7 @@ import pytest
 from packrunner import (
     ConfigError,
     DeviceError,
+    InputForm,
     PackAlgorithm,
     PackRunner,
     RequestTimeoutError,
@@ -104,7 +105,7 @@ def test_device_shape_mismatch_is_refused_at_construction():
     with pytest.raises(ConfigError, match="algorithm=stream"):
         PackRunner(SimulatedDevice(), RunnerConfig(algorithm=PackAlgorithm.STREAM))
     with pytest.raises(ConfigError, match="use algorithm=stream"):
-        PackRunner(SimulatedDevice(mode="unpack_repack"), RunnerConfig())
+        PackRunner(SimulatedDevice(form=InputForm.UNPACK_REPACK), RunnerConfig())
     with pytest.raises(ConfigError, match="dynamic_input_name='tokens'"):
         PackRunner(SimulatedDevice(), RunnerConfig(dynamic_input_name="tokens"))
 

@@ -89,7 +89,6 @@ def convert_to_packed(
     form: InputForm | str = InputForm.PACKED,
     keep_row_outputs: bool = False,
     max_valid_num: int = 40,
-    attention: str | None = None,
 ) -> onnx.ModelProto:
     """Rewrite a Hugging Face BERT export for packed ``[batch_size, seq_len]`` batches.
 
@@ -115,8 +114,6 @@ def convert_to_packed(
             sample. Pass True to keep them (shape ``[batch_size, ...]``; not with
             ``"unpack_repack"``).
         max_valid_num: Sample slots of an ``"unpack_repack"`` model; unused otherwise.
-        attention: Deprecated spelling of ``form``: ``"block_diagonal"`` (packed), ``"padding"``
-            (padded) or ``"unpack_repack"``; overrides ``form`` when given.
 
     Returns:
         The converted model, already validated with ``onnx.checker.check_model(full_check=True)``
@@ -129,8 +126,6 @@ def convert_to_packed(
             not found.
         ValueError: An argument is out of range.
     """
-    if attention is not None:
-        form = InputForm.from_legacy(attention, what="attention")
     form = InputForm.parse(form)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -171,7 +166,6 @@ def convert_file(
     form: InputForm | str = InputForm.PACKED,
     keep_row_outputs: bool = False,
     max_valid_num: int = 40,
-    attention: str | None = None,
 ) -> onnx.ModelProto:
     """Convert the model at ``in_path`` and write the result to ``out_path``.
 
@@ -184,7 +178,6 @@ def convert_file(
         form: As :func:`convert_to_packed`.
         keep_row_outputs: As :func:`convert_to_packed`.
         max_valid_num: As :func:`convert_to_packed`.
-        attention: As :func:`convert_to_packed` (deprecated).
 
     Returns:
         The converted model that was written.
@@ -199,7 +192,6 @@ def convert_file(
         form=form,
         keep_row_outputs=keep_row_outputs,
         max_valid_num=max_valid_num,
-        attention=attention,
     )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

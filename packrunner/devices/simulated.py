@@ -94,8 +94,6 @@ class SimulatedDevice(Device):
             ``UNPACK_REPACK``: ``attention_mask`` replaced by ``unpack_info``
             ``[max_valid_num]``; samples may cross rows; outputs ``[max_valid_num, seq_len]``.
         max_valid_num: Length of ``unpack_info`` in the ``UNPACK_REPACK`` form.
-        mode: Deprecated spelling of ``form``: ``"attention_mask"`` (packed) or
-            ``"unpack_repack"``; overrides ``form`` when given.
 
     Example:
         >>> device = SimulatedDevice(batch_latency_us=0)
@@ -111,9 +109,8 @@ class SimulatedDevice(Device):
         batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US,
         form: InputForm | str = InputForm.PACKED,
         max_valid_num: int = 40,
-        mode: str | None = None,
     ) -> None:
-        form = InputForm.parse(form) if mode is None else InputForm.from_legacy(mode, what="mode")
+        form = InputForm.parse(form)
         if batch_latency_us < 0:
             raise ValueError(f"batch_latency_us must be >= 0, got {batch_latency_us}")
         self.batch_size = batch_size

@@ -56,7 +56,6 @@ __all__ = [
     "HEADS",
     "MIN_OPSET",
     "Head",
-    "Variant",
     "build_bert_onnx",
     "input_names",
     "output_names",
@@ -64,9 +63,6 @@ __all__ = [
 
 Head: TypeAlias = Literal["qa", "encoder"]
 HEADS: Final[tuple[Head, ...]] = get_args(Head)
-
-Variant: TypeAlias = InputForm | str
-"""Deprecated: what a form argument accepts, an :class:`~packrunner.InputForm` or its value."""
 
 MIN_OPSET: Final = 17
 """Oldest opset supported: LayerNormalization became a standard op in opset 17."""
