@@ -180,7 +180,7 @@ def test_flags_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "::1",
     )
     args = build_parser().parse_args(["serve", "--port", "0", "--served-model-name", "m"])
-    assert args.handler is run and args.http_port == 0 and args.name == "m"
+    assert args.command == "serve" and args.http_port == 0 and args.name == "m"
     assert run(build_parser().parse_args(["serve", "--max-input-length", "999"])) == 2
 
 
