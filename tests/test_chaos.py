@@ -26,9 +26,13 @@ from packrunner import (
     PackRunnerError,
     RunnerConfig,
 )
-from tests._support import FaultPlan, FaultyDevice, reference
+from tests._support import FAULTS, FaultPlan, FaultyDevice, reference
 
 SECONDS = float(os.environ.get("PACKRUNNER_CHAOS_SECONDS", "3"))
+#: However slow the machine, the run lasts until every fault kind was injected this many times
+#: (they are forced first, in a seeded order), but never longer than MAX_SECONDS.
+EACH_FAULT = 2
+MAX_SECONDS = max(60.0, 2 * SECONDS)
 SEED = int(os.environ.get("PACKRUNNER_CHAOS_SEED", "20251202"))
 SHAPE: dict[str, Any] = {"batch_size": 4, "seq_len": 16}
 BAD_SAMPLES: list[object] = [
@@ -105,11 +109,27 @@ def random_sample(rng: np.random.Generator) -> dict[str, Any]:
     return sample
 
 
+class Clock:
+    """When the callers stop: after SECONDS and once every forced fault was injected."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self.start = time.monotonic()
+
+    def done(self) -> bool:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= MAX_SECONDS:
+            return True
+        with self.plan.lock:
+            forced_left = len(self.plan.forced)
+        return elapsed >= SECONDS and forced_left == 0
+
+
 def thread_caller(
-    runner: PackRunner, tally: Tally, seed: int, stop_at: float, waits: list[Any]
+    runner: PackRunner, tally: Tally, seed: int, clock: Clock, waits: list[Any]
 ) -> None:
     rng = np.random.default_rng(seed)
-    while time.monotonic() < stop_at:
+    while not clock.done():
         action = rng.random()
         if action < 0.1:
             try:
@@ -152,11 +172,11 @@ def thread_caller(
                 tally.record(old_sample, old_future, old_cancel)
 
 
-def loop_caller(runner: PackRunner, tally: Tally, seed: int, stop_at: float) -> None:
+def loop_caller(runner: PackRunner, tally: Tally, seed: int, clock: Clock) -> None:
     async def main() -> None:
         rng = np.random.default_rng(seed)
         pending: list[tuple[Any, asyncio.Future[Any], bool]] = []
-        while time.monotonic() < stop_at:
+        while not clock.done():
             sample = random_sample(rng)
             timeout = None if rng.random() < 0.5 else float(rng.uniform(0.0, 0.05))
             try:
@@ -195,6 +215,9 @@ def loop_caller(runner: PackRunner, tally: Tally, seed: int, stop_at: float) -> 
 
 def test_chaos() -> None:
     plan = FaultPlan(seed=SEED, rate=0.08)
+    # Every kind of fault, EACH_FAULT times, in a seeded order, before the random ones: the
+    # run covers them all however fast or slow the machine is.
+    plan.forced = [str(f) for f in np.random.default_rng(SEED).permutation(FAULTS * EACH_FAULT)]
     devices = [FaultyDevice(plan, batch_latency_us=500, **SHAPE) for _ in range(2)]
     config = RunnerConfig(
         **SHAPE,
@@ -207,13 +230,13 @@ def test_chaos() -> None:
     )
     tally = Tally()
     runner = PackRunner(devices, config).start()
-    stop_at = time.monotonic() + SECONDS
+    clock = Clock(plan)
     waits: list[list[Any]] = [[] for _ in range(6)]
     threads = [
-        threading.Thread(target=thread_caller, args=(runner, tally, SEED + k, stop_at, waits[k]))
+        threading.Thread(target=thread_caller, args=(runner, tally, SEED + k, clock, waits[k]))
         for k in range(6)
     ] + [
-        threading.Thread(target=loop_caller, args=(runner, tally, SEED + 100 + k, stop_at))
+        threading.Thread(target=loop_caller, args=(runner, tally, SEED + 100 + k, clock))
         for k in range(3)
     ]
     try:
@@ -257,5 +280,6 @@ def test_chaos() -> None:
     assert all(future.done() for future in tally.futures)
     assert not left, left
     assert stats.requests == stats.completed + stats.failed + stats.withdrawn + stats.discarded
-    assert tally.outcomes["success"] > 100 and sum(plan.injected.values()) > 10
+    assert tally.outcomes["success"] > 100
+    assert all(plan.injected.get(fault, 0) >= EACH_FAULT for fault in FAULTS), plan.injected
     assert plan.injected.get("hang", 0) == 0 or stats.device_timeouts > 0
