@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands.add_parser(
         "convert",
-        help="rewrite a Hugging Face BERT ONNX export into packed form",
+        help="rewrite a Hugging Face encoder ONNX export into packed form (--explain)",
         add_help=False,
     )
     return parser

@@ -11,6 +11,7 @@ from packrunner.convert._converter import (
     build_parser,
     convert_file,
     convert_to_packed,
+    explain,
     main,
 )
 from packrunner.errors import ConversionError
@@ -21,5 +22,6 @@ __all__ = [
     "build_parser",
     "convert_file",
     "convert_to_packed",
+    "explain",
     "main",
 ]

@@ -413,7 +413,7 @@ def test_no_attention_softmax() -> None:
 
 
 def test_no_position_gather() -> None:
-    with pytest.raises(ConversionError, match="no position-embedding Gather found"):
+    with pytest.raises(ConversionError, match="no position-embedding lookup found"):
         convert_to_packed(_embeddings_only(position_from_input_ids=True))
 
 
@@ -426,7 +426,7 @@ def test_positions_computed_from_input_ids_in_fixture() -> None:
         if n.op_type == "Gather" and n.input[0].endswith("position_embeddings.weight")
     )
     gather.input[1] = "input_ids"
-    with pytest.raises(ConversionError, match="no position-embedding Gather found"):
+    with pytest.raises(ConversionError, match="no position-embedding lookup found"):
         convert_to_packed(model)
 
 
