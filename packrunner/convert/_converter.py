@@ -124,7 +124,7 @@ def convert_to_packed(
     attention: str | None = None,
     position_offset: int | None = None,
 ) -> onnx.ModelProto:
-    """Rewrite a Hugging Face BERT export for packed ``[batch_size, seq_len]`` batches.
+    """Rewrite a Hugging Face encoder export for packed ``[batch_size, seq_len]`` batches.
 
     Args:
         model: The exported model, or a path to it (external data next to it is loaded). A
