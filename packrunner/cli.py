@@ -468,9 +468,13 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", type=_onnx_file, metavar="IN.onnx", help="the exported model")
     parser.add_argument("output", type=Path, metavar="OUT.onnx", help="where to write the result")
+
+    def form(text: str) -> InputForm:  # its name is argparse's "invalid form value" message
+        return InputForm.parse(text)
+
     parser.add_argument(
         "--form",
-        type=InputForm.parse,
+        type=form,
         choices=list(InputForm),
         default=InputForm.PACKED,
         help="packed: attention_mask holds segment ids; padded: keep the 0/1 padding mask "
@@ -489,15 +493,28 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep outputs without a sequence axis (e.g. pooler_output)",
     )
+    parser.add_argument(
+        "--position-offset",
+        type=_non_negative_int,
+        default=None,
+        help="for exports with a position_ids input: the position-table row of a sample's "
+        "first token (RoBERTa family: padding_idx + 1; default: inferred)",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="print which position kind and mask sites were found, what was rewritten and "
+        "what the self-check measured",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from packrunner.config import InputForm
-    from packrunner.convert import convert_file
+    from packrunner.convert import convert_file, explain
 
     if args.keep_row_outputs and args.form is InputForm.UNPACK_REPACK:
         raise UsageError("--keep-row-outputs cannot be combined with --form unpack_repack")
-    convert_file(
+    converted = convert_file(
         args.input,
         args.output,
         batch_size=args.batch_size,
@@ -505,11 +522,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         form=args.form,
         keep_row_outputs=args.keep_row_outputs,
         max_valid_num=args.max_valid_num,
+        position_offset=args.position_offset,
     )
     print(
         f"wrote {args.output} (batch_size={args.batch_size}, seq_len={args.seq_len}, "
         f"form={args.form})"
     )
+    if args.explain:
+        print(explain(converted))
     return 0
 
 
@@ -578,7 +598,7 @@ COMMANDS: dict[str, Subcommand] = {
         "results.json, CSVs and PNGs.",
     ),
     "convert": Subcommand(
-        "rewrite a Hugging Face BERT ONNX export into packed form",
+        "rewrite a Hugging Face encoder ONNX export into packed form (--explain)",
         _add_convert,
         _run_convert,
         "Convert a Hugging Face BERT ONNX export into packrunner's packed form (segment-id "

@@ -10,6 +10,7 @@ from packrunner.convert._converter import (
     PACKED_INPUT_NAMES,
     convert_file,
     convert_to_packed,
+    explain,
 )
 from packrunner.errors import ConversionError
 
@@ -18,4 +19,5 @@ __all__ = [
     "ConversionError",
     "convert_file",
     "convert_to_packed",
+    "explain",
 ]

@@ -1,4 +1,4 @@
-"""Convert a Hugging Face BERT ONNX export into one of packrunner's input forms.
+"""Convert a Hugging Face encoder ONNX export into one of packrunner's input forms.
 
 packrunner packs several variable-length samples into each row of a fixed ``[batch_size,
 seq_len]`` batch. A stock export cannot run such a batch correctly: its attention mask only
@@ -19,14 +19,21 @@ rewrites the exported graph into an :class:`~packrunner.InputForm`:
   ``unpack_info`` gives their lengths, token-wise layers run on the stream and each attention
   block on a per-sample view (see :mod:`packrunner.convert._unpack`).
 
-In every form ``position_ids`` is a graph input (restarting at 0 for each sample), replacing the
-internal ``Range``/``Slice`` of a position buffer that fed the position-embedding ``Gather``, all
-token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and every output has a static
-shape. The subgraphs are found by data flow, not by node names (PopRT's example deletes
-``Shape_7``, ``Gather_9``... by name, which breaks with the next exporter version). The finders
-(``_match``, ``_match_cores``) return what they found as plain dataclasses before anything is
-edited; the rewrites (``_rewrite``, ``_unpack``) apply it; :func:`convert_to_packed` runs them in
-one pass (``_convert``).
+In every form ``position_ids`` is a graph input counting ``0 .. L-1`` within each sample; the
+converted graph adds the table row of a sample's first token itself (0 for the BERT family's
+range-indexed tables, ``padding_idx + 1`` for the RoBERTa family's ``cumsum(input_ids != pad) +
+pad``), so whoever feeds it never needs to know the kind (see
+:mod:`packrunner.convert._match_positions`: only the table summed into the word embeddings is
+ever rewritten). All token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and
+every output has a static shape. A conversion is returned only after it passed its own
+equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal to the original's
+on each sample alone, else :class:`ConversionError`.
+
+The subgraphs are found by data flow, not by node names (PopRT's example deletes ``Shape_7``,
+``Gather_9``... by name, which breaks with the next exporter version). The finders (``_match``,
+``_match_cores``, ``_match_positions``) return what they found as plain dataclasses before
+anything is edited; the rewrites (``_rewrite``, ``_unpack``) apply it; :func:`convert_to_packed`
+runs them in one pass (``_convert``), then the self-check.
 
 Example::
 
@@ -40,45 +47,63 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 # onnx.load raises protobuf's DecodeError for a file that is not a model; protobuf ships no stubs.
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
-from onnx import helper, shape_inference
+from onnx import helper, shape_inference, version_converter
 
 from packrunner.config import InputForm
 from packrunner.convert._match import (
     PACKED_INPUT_NAMES,
+    OutputKind,
     TensorTypes,
     classify_outputs,
     dims,
     find_inputs,
     find_mask_sites,
-    find_position_lookup,
+    refuse_fused_ops,
 )
 from packrunner.convert._match_cores import find_attention_cores
+from packrunner.convert._match_positions import (
+    PositionLookup,
+    find_embedding_sum,
+    find_position_lookup,
+)
 from packrunner.convert._rewrite import (
     drop_outputs,
     expose_position_ids,
     free_name,
     require_mask_replaced,
+    reroute_shape_reads,
     retype_inputs,
     set_static_output_shapes,
+    unwrap_upgraded_softmax,
     use_block_diagonal_bias,
 )
+from packrunner.convert._selfcheck import check_equivalence
 from packrunner.convert._unpack import unpack_attention
 from packrunner.errors import ConversionError
-from packrunner.graphs import UNPACK_INFO, GraphView, default_opset
+from packrunner.graphs import UNPACK_INFO, GraphView, default_opset, evaluate
 
 __all__ = [
     "PACKED_INPUT_NAMES",
     "convert_file",
     "convert_to_packed",
+    "explain",
 ]
 
 logger = logging.getLogger("packrunner.convert")
+
+#: Metadata key of the converter's account of a conversion (see :func:`explain`).
+EXPLAIN_KEY = "packrunner.explain"
+
+# The opset the unpack/repack rewrite is written for; older exports are upgraded to it.
+_UNPACK_OPSET = 13
 
 
 def convert_to_packed(
@@ -89,8 +114,9 @@ def convert_to_packed(
     form: InputForm | str = InputForm.PACKED,
     keep_row_outputs: bool = False,
     max_valid_num: int = 40,
+    position_offset: int | None = None,
 ) -> onnx.ModelProto:
-    """Rewrite a Hugging Face BERT export for packed ``[batch_size, seq_len]`` batches.
+    """Rewrite a Hugging Face encoder export for packed ``[batch_size, seq_len]`` batches.
 
     Args:
         model: The exported model, or a path to it (external data next to it is loaded). A
@@ -108,22 +134,28 @@ def convert_to_packed(
             int32 (the samples' lengths, 0 for unused slots), token-wise layers run on the stream
             and each attention block on a per-sample ``[max_valid_num, seq_len]`` view; per-token
             outputs are ``[max_valid_num, seq_len, ...]``, slot ``k`` holding sample ``k`` from
-            position 0 and zeros past its length. Needs opset >= 13.
+            position 0 and zeros past its length. Exports below opset 13 are upgraded to it.
         keep_row_outputs: Outputs with no sequence axis (``pooler_output``: one vector per row)
             are dropped by default, because in a packed row they describe only the row's first
             sample. Pass True to keep them (shape ``[batch_size, ...]``; not with
             ``"unpack_repack"``).
         max_valid_num: Sample slots of an ``"unpack_repack"`` model; unused otherwise.
+        position_offset: For an export that takes ``position_ids`` itself: the position-table
+            row of a sample's first token (RoBERTa family: ``padding_idx + 1``). None infers it
+            (see :func:`~packrunner.convert._match_positions.find_position_lookup`). The converted
+            graph's ``position_ids`` input is always ``0 .. L-1`` per sample, whatever the kind.
 
     Returns:
         The converted model, already validated with ``onnx.checker.check_model(full_check=True)``
         and ``onnx.shape_inference.infer_shapes(strict_mode=True)``; its value_info holds the
-        inferred static shapes.
+        inferred static shapes. It has passed the self-check (:mod:`._selfcheck`: packed
+        outputs equal the original's on each sample alone); its metadata ``packrunner.explain``
+        says what was matched, what was rewritten and what the self-check measured.
 
     Raises:
-        ConversionError: The graph lacks an input, the position-embedding ``Gather`` or the
-            attention mask subgraph, or the result fails validation. The message names what was
-            not found.
+        ConversionError: The graph lacks an input, the position-embedding lookup or the
+            attention mask subgraph, the result fails validation, or the self-check finds the
+            converted graph's outputs differ from the original's. The message names what.
         ValueError: An argument is out of range.
     """
     form = InputForm.parse(form)
@@ -143,9 +175,14 @@ def convert_to_packed(
         raise ConversionError(str(exc)) from exc
     if opset < 11:
         raise ConversionError(f"opset {opset} is too old; need ai.onnx opset >= 11")
-    if form is InputForm.UNPACK_REPACK and opset < 13:
-        raise ConversionError(f"form='unpack_repack' needs ai.onnx opset >= 13, got {opset}")
-    _convert(
+    original = onnx.ModelProto()
+    original.CopyFrom(proto)
+    upgraded_from = None
+    if form is InputForm.UNPACK_REPACK and opset < _UNPACK_OPSET:
+        # The per-slot rewrite emits opset-13 ops (axes as inputs); PopRT users' exports are
+        # opset 11. The self-check below compares against the original, not the upgrade.
+        proto, upgraded_from, opset = _upgrade(proto, _UNPACK_OPSET), opset, _UNPACK_OPSET
+    found = _convert(
         proto,
         form,
         opset=opset,
@@ -153,8 +190,30 @@ def convert_to_packed(
         seq_len=seq_len,
         max_valid_num=max_valid_num,
         keep_row_outputs=keep_row_outputs,
+        position_offset=position_offset,
     )
-    return _validate(proto)
+    converted = _validate(proto)
+    check = check_equivalence(
+        original,
+        converted,
+        form,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_valid_num=max_valid_num,
+        lookup=found.lookup,
+        vocab_size=found.vocab_size,
+        outputs=found.outputs,
+    )
+    if upgraded_from is not None:
+        found.notes.insert(0, f"upgraded: ai.onnx opset {upgraded_from} -> {opset}")
+    found.notes.append(
+        f"self-check: packed vs each sample alone over lengths {list(check.lengths)}: max abs "
+        f"diff {check.max_abs_diff:.3g} <= {check.bound:.3g}"
+    )
+    props = {p.key: p.value for p in converted.metadata_props}
+    props[EXPLAIN_KEY] = "\n".join(found.notes)
+    helper.set_model_props(converted, props)
+    return converted
 
 
 def convert_file(
@@ -166,6 +225,7 @@ def convert_file(
     form: InputForm | str = InputForm.PACKED,
     keep_row_outputs: bool = False,
     max_valid_num: int = 40,
+    position_offset: int | None = None,
 ) -> onnx.ModelProto:
     """Convert the model at ``in_path`` and write the result to ``out_path``.
 
@@ -178,6 +238,7 @@ def convert_file(
         form: As :func:`convert_to_packed`.
         keep_row_outputs: As :func:`convert_to_packed`.
         max_valid_num: As :func:`convert_to_packed`.
+        position_offset: As :func:`convert_to_packed`.
 
     Returns:
         The converted model that was written.
@@ -192,6 +253,7 @@ def convert_file(
         form=form,
         keep_row_outputs=keep_row_outputs,
         max_valid_num=max_valid_num,
+        position_offset=position_offset,
     )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +269,12 @@ def convert_file(
     return converted
 
 
+def explain(converted: onnx.ModelProto) -> str:
+    """What the converter matched, rewrote and measured for ``converted`` (one line each)."""
+    props = {p.key: p.value for p in converted.metadata_props}
+    return props.get(EXPLAIN_KEY, "not converted by packrunner convert")
+
+
 # --------------------------------------------------------------------------------------------
 # implementation
 
@@ -220,6 +288,28 @@ def _load(model: onnx.ModelProto | str | os.PathLike[str]) -> onnx.ModelProto:
         return onnx.load(os.fspath(model))
     except DecodeError as exc:
         raise ConversionError(f"{os.fspath(model)} is not an ONNX model: {exc}") from exc
+
+
+def _upgrade(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    try:
+        upgraded = version_converter.convert_version(proto, opset)
+    except (RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ConversionError(f"cannot upgrade the export to ai.onnx opset {opset}: {exc}") from exc
+    view = GraphView(upgraded.graph)
+    view.toposort()
+
+    def rank_of(shapes: list[str]) -> list[int]:
+        # Evaluated on a probe row: shape inference does not reach the attention of every
+        # export (it stops at dynamic Reshapes).
+        probe = {
+            i.name: np.ones((1, 3), helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            for i in upgraded.graph.input
+            if view.is_graph_input(i.name)
+        }
+        return [int(np.size(v)) for v in evaluate(upgraded, view, shapes, probe)]
+
+    unwrap_upgraded_softmax(view, rank_of)
+    return upgraded
 
 
 def _validate(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -240,7 +330,8 @@ def _convert(
     seq_len: int,
     max_valid_num: int,
     keep_row_outputs: bool,
-) -> None:
+    position_offset: int | None,
+) -> _Found:
     """The one driver: find everything, then edit ``proto`` in place into ``form``."""
     view = GraphView(proto.graph)
     types = TensorTypes(proto)
@@ -252,7 +343,18 @@ def _convert(
 
     # Find. Nothing is edited until every pattern the form needs was found.
     inputs = find_inputs(view)
-    lookup = None if "position_ids" in inputs.names else find_position_lookup(view, seq_len)
+    refuse_fused_ops(view)
+    embeddings = find_embedding_sum(view)
+    lookup = find_position_lookup(
+        proto, view, embeddings, seq_len=seq_len, position_offset=position_offset
+    )
+    notes = [
+        f"positions: {lookup.kind.value} lookup {lookup.gather!r} over {lookup.table!r} "
+        f"[{lookup.rows}, {embeddings.hidden}]: {lookup.reason}",
+        f"rewrote: {lookup.table!r} now reads position_ids"
+        + (f" + {lookup.offset}" if lookup.offset else "")
+        + " (position_ids: 0..L-1 per sample)",
+    ]
     # A padded model keeps the exported mask; an unpack/repack one needs its sites on the static
     # graph, so a graph without them fails here, before any edit.
     sites = [] if form is InputForm.PADDED else find_mask_sites(view, types)
@@ -268,14 +370,21 @@ def _convert(
     ours: set[str] = set()
     if form is InputForm.PACKED:
         ours = use_block_diagonal_bias(view, sites, opset=opset)
-    if lookup is not None:
-        expose_position_ids(view, lookup)
+        notes.append(
+            f"rewrote: the attention mask added before {len(sites)} Softmax nodes is now the "
+            "block-diagonal bias of the segment ids in attention_mask"
+        )
+    ours |= expose_position_ids(view, lookup, opset=opset)
+    rerouted = reroute_shape_reads(view, "attention_mask", "input_ids")
+    if rerouted:
+        notes.append(f"rewrote: {rerouted} shape-only reads of attention_mask read input_ids")
     if dropped:
         logger.warning(
             "dropping per-row outputs %s: in a packed row they describe only its first sample",
             dropped,
         )
         drop_outputs(view, dropped)
+        notes.append(f"dropped per-row outputs {dropped}")
     view.toposort()  # prune() sweeps in topological order
     view.prune()
     if form is InputForm.PACKED:
@@ -325,6 +434,20 @@ def _convert(
         view.toposort()
         description += f";max_valid_num={max_valid_num}"
 
+        notes.append(f"rewrote: {len(cores)} attention blocks run per sample slot")
     props = {p.key: p.value for p in proto.metadata_props}
     props["packrunner.packed"] = description
+    props["packrunner.positions"] = f"kind={lookup.kind.value};offset={lookup.offset}"
     helper.set_model_props(proto, props)
+    kept = {name: kind for name, kind in kinds.items() if name not in dropped}
+    return _Found(lookup, embeddings.vocab_size, kept, notes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """What the driver matched, for the self-check and ``--explain``."""
+
+    lookup: PositionLookup
+    vocab_size: int
+    outputs: dict[str, OutputKind]
+    notes: list[str]

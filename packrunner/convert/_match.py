@@ -7,9 +7,8 @@ graph; :mod:`packrunner.convert._rewrite` and :mod:`packrunner.convert._unpack` 
 
 The patterns are matched by data flow, not by node names:
 
-* the position-embedding ``Gather`` is the ``Gather`` over a constant ``[positions, hidden]`` table
-  whose indices depend on no graph input's values and come from a ``Range`` or an arange-valued
-  constant (the ``position_ids`` buffer);
+* the position-embedding lookup is found and checked by
+  :func:`packrunner.convert._match_positions.find_position_lookup`;
 * the mask is, for every attention ``Softmax`` (one whose scores come from a ``MatMul`` of two
   computed tensors), the operand of the ``Add`` before it whose value depends on
   ``attention_mask`` and on no other input. Shape-only uses (``Shape``, ``Size``) do not count as
@@ -26,8 +25,6 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper
 
@@ -39,13 +36,12 @@ __all__ = [
     "ExportInputs",
     "MaskSite",
     "OutputKind",
-    "PositionLookup",
     "TensorTypes",
     "classify_outputs",
     "dims",
     "find_inputs",
     "find_mask_sites",
-    "find_position_lookup",
+    "refuse_fused_ops",
 ]
 
 logger = logging.getLogger("packrunner.convert")
@@ -59,6 +55,18 @@ OutputKind = Literal["token", "row"]
 # know (scale, mask add, dtype casts, head reshapes). The search for the mask Add only walks these.
 _SCORE_PATH_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Cast", "Reshape", "Transpose", "Where"})
 _SCORE_PATH_DEPTH = 6
+# Fused ops that hide the attention mask or the position lookup inside one node (ONNX opset 23
+# ``Attention``, onnxruntime's transformer-optimizer fusions): refused by name, first.
+_FUSED_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "PackedAttention",
+        "PackedMultiHeadAttention",
+        "GroupQueryAttention",
+        "EmbedLayerNormalization",
+    }
+)
 _FLOAT_TYPES = frozenset(
     {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 )
@@ -152,86 +160,21 @@ def find_inputs(view: GraphView) -> ExportInputs:
     return ExportInputs(frozenset(inputs), batch_dim, seq_dim)
 
 
-# -- position ids -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PositionLookup:
-    """The position-embedding ``Gather``, whose indices become the ``position_ids`` input.
-
-    Attributes:
-        gather: The Gather's output (names the node).
-        table: The constant ``[max_positions, hidden]`` table it reads.
-    """
-
-    gather: str
-    table: str
-
-
-def find_position_lookup(view: GraphView, seq_len: int) -> PositionLookup:
-    """The one position-embedding ``Gather``; it must have at least ``seq_len`` rows."""
-    candidates: list[onnx.NodeProto] = []
-    for node in view.graph.node:
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
-            continue
-        table = view.constant(node.input[0])
-        if table is None or table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if axis != 0:
-            continue
-        indices = node.input[1]
-        if view.value_deps(indices):
-            continue  # word / token-type embeddings: indices come from the inputs
-        if _looks_like_positions(view, indices):
-            candidates.append(node)
-    if not candidates:
+def refuse_fused_ops(view: GraphView) -> None:
+    """Refuse, naming them, fused attention / embedding ops (before any other finder runs)."""
+    fused = sorted(
+        {
+            f"{n.domain or 'ai.onnx'}::{n.op_type}"
+            for n in view.graph.node
+            if n.op_type in _FUSED_OPS
+        }
+    )
+    if fused:
         raise ConversionError(
-            "no position-embedding Gather found: expected a Gather over a constant "
-            "[max_positions, hidden] table whose indices come from a Range or a position_ids "
-            "buffer (Slice/Expand of an arange constant) and not from input_ids, "
-            "token_type_ids or attention_mask"
+            f"the graph uses fused ops {fused}: their attention mask (or position lookup) is "
+            "inside one node, which the converter cannot rewrite; convert the export before "
+            "fusing (no onnxruntime transformers optimizer; opset < 23 for ONNX Attention)"
         )
-    if len(candidates) > 1:
-        names = [n.name or n.output[0] for n in candidates]
-        raise ConversionError(f"several position-embedding Gather candidates found: {names}")
-    gather = candidates[0]
-    rows = view.constant(gather.input[0])
-    assert rows is not None  # checked above
-    if seq_len > rows.shape[0]:
-        raise ConversionError(
-            f"seq_len {seq_len} exceeds the {rows.shape[0]} rows of the "
-            f"position-embedding table {gather.input[0]!r}"
-        )
-    logger.info("position-embedding Gather: %r", gather.name or gather.output[0])
-    return PositionLookup(gather=gather.output[0], table=gather.input[0])
-
-
-def _looks_like_positions(view: GraphView, indices: str) -> bool:
-    """Whether constant-only indices are positions: a Range, or an arange-valued buffer.
-
-    This is what tells the position Gather from a token-type Gather fed by a constant zeros
-    buffer (exports made without a token_type_ids input).
-    """
-    value = view.constant(indices)
-    if value is not None:
-        return _is_arange(value)
-    for node in view.ancestors(indices):
-        if node.op_type == "Range":
-            return True
-        for name in node.input:
-            const = view.constant(name) if name else None
-            if const is not None and const.size > 1 and _is_arange(const):
-                return True
-    return False
-
-
-def _is_arange(value: npt.NDArray[np.generic]) -> bool:
-    """Whether every 1-D slice along the last axis is 0, 1, 2, ... (a position_ids buffer)."""
-    if value.ndim == 0 or value.shape[-1] < 2 or not np.issubdtype(value.dtype, np.integer):
-        return False
-    rows = value.reshape(-1, value.shape[-1])
-    return bool(np.all(rows == np.arange(value.shape[-1], dtype=rows.dtype)))
 
 
 # -- attention mask -----------------------------------------------------------------------------

@@ -7,8 +7,9 @@ leaves the view current (:meth:`~packrunner.graphs.GraphView.refresh`) for the n
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
@@ -16,10 +17,10 @@ from packrunner.convert._match import (
     PACKED_INPUT_NAMES,
     ExportInputs,
     MaskSite,
-    PositionLookup,
     TensorTypes,
     dims,
 )
+from packrunner.convert._match_positions import PositionKind, PositionLookup
 from packrunner.errors import ConversionError
 from packrunner.graphs import GraphView, NodeEmitter, block_diagonal_bias
 
@@ -28,7 +29,9 @@ __all__ = [
     "expose_position_ids",
     "free_name",
     "require_mask_replaced",
+    "reroute_shape_reads",
     "retype_inputs",
+    "unwrap_upgraded_softmax",
     "set_static_output_shapes",
     "use_block_diagonal_bias",
 ]
@@ -65,16 +68,75 @@ def use_block_diagonal_bias(view: GraphView, sites: Sequence[MaskSite], *, opset
     return {node.name for node in emit.nodes}
 
 
-def expose_position_ids(view: GraphView, lookup: PositionLookup) -> None:
-    """Feed the position-embedding ``Gather`` from a new ``position_ids`` graph input."""
+def expose_position_ids(view: GraphView, lookup: PositionLookup, *, opset: int) -> set[str]:
+    """Feed the position lookup from ``lookup.offset + position_ids`` (a 0-based graph input).
+
+    The converted graph owns the offset (RoBERTa's ``padding_idx + 1``), so whatever feeds it
+    (the runner) always gives each sample ``0 .. L-1``.
+
+    Returns:
+        The names of the nodes added (they read the int32 input as it is).
+    """
     gather = view.producer(lookup.gather)
     assert gather is not None  # found on this graph
-    gather.input[1] = "position_ids"
-    view.graph.input.append(
-        helper.make_tensor_value_info("position_ids", TensorProto.INT32, [None, None])
-    )
+    if lookup.kind is not PositionKind.INPUT:
+        view.graph.input.append(
+            helper.make_tensor_value_info("position_ids", TensorProto.INT32, [None, None])
+        )
+    emit = NodeEmitter(view, prefix="packrunner/positions", opset=opset)
+    indices = "position_ids"
+    if lookup.offset:
+        indices = emit.op("Add", ["position_ids", emit.const(lookup.offset, np.int32, "offset")])
+    if lookup.kind is PositionKind.INPUT:
+        # Every reader of the exported input now reads the offset positions.
+        for node in view.consumers("position_ids"):
+            for slot, name in enumerate(node.input):
+                if name == "position_ids" and indices != "position_ids":
+                    node.input[slot] = indices
+    gather.input[1] = indices
+    view.graph.node.extend(emit.nodes)
     view.refresh()
-    logger.info("position_ids now feeds Gather %r", gather.name or gather.output[0])
+    logger.info("position_ids (+%d) now feeds Gather %r", lookup.offset, lookup.gather)
+    return {node.name for node in emit.nodes}
+
+
+def unwrap_upgraded_softmax(view: GraphView, rank_of: Callable[[list[str]], list[int]]) -> int:
+    """Undo ``Flatten -> Softmax -> Reshape`` where it is a plain last-axis Softmax.
+
+    Upgrading an opset < 13 ``Softmax(axis=a)`` wraps it so (the old axis meant "flatten from
+    ``a``"); on attention scores ``a`` is the last axis, and the wrapper would hide the scores'
+    data flow from the mask and attention-core finders.
+
+    Returns:
+        How many Softmax nodes were unwrapped.
+    """
+    wrapped: list[tuple[onnx.NodeProto, onnx.NodeProto, int]] = []
+    for softmax in [n for n in view.graph.node if n.op_type == "Softmax"]:
+        flatten = view.producer(softmax.input[0])
+        readers = view.consumers(softmax.output[0])
+        if flatten is None or flatten.op_type != "Flatten" or len(readers) != 1:
+            continue
+        reshape = readers[0]
+        shape_of = view.producer(reshape.input[1]) if reshape.op_type == "Reshape" else None
+        if shape_of is None or shape_of.op_type != "Shape" or shape_of.input[0] != flatten.input[0]:
+            continue
+        axis = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
+        wrapped.append((softmax, reshape, axis))
+    # The rank of each wrapped tensor is the length of the Shape the Reshape restores.
+    ranks = rank_of([reshape.input[1] for _, reshape, _ in wrapped]) if wrapped else []
+    unwrapped = 0
+    for (softmax, reshape, axis), rank in zip(wrapped, ranks, strict=True):
+        if axis % rank != rank - 1:
+            continue  # a softmax over several axes: keep the wrapper
+        flatten = view.producer(softmax.input[0])
+        assert flatten is not None  # matched above
+        softmax.input[0] = flatten.input[0]
+        softmax.output[0] = reshape.output[0]
+        view.graph.node.remove(reshape)
+        unwrapped += 1
+    view.refresh()
+    view.prune()
+    return unwrapped
 
 
 def drop_outputs(view: GraphView, names: Collection[str]) -> None:
@@ -83,6 +145,22 @@ def drop_outputs(view: GraphView, names: Collection[str]) -> None:
     del view.graph.output[:]
     view.graph.output.extend(kept)
     view.refresh()
+
+
+def reroute_shape_reads(view: GraphView, tensor: str, same_shape: str) -> int:
+    """Make shape-only readers (``Shape``, ``Size``) of ``tensor`` read ``same_shape`` instead.
+
+    ``attention_mask`` and ``input_ids`` have one shape in every form; a ``Shape(attention_mask)``
+    (DistilBERT's dynamo export) is no use of the mask's values, and must not keep the input alive.
+
+    Returns:
+        How many nodes were rerouted.
+    """
+    readers = [n for n in view.consumers(tensor) if n.op_type in ("Shape", "Size")]
+    for node in readers:
+        node.input[0] = same_shape
+    view.refresh()
+    return len(readers)
 
 
 def require_mask_replaced(view: GraphView, ours: Collection[str], consequence: str) -> None:

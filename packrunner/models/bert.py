@@ -48,6 +48,10 @@ QA_BIAS: Final = "qa_outputs.bias"
 # Hugging Face prefixes the encoder with "bert." inside task models (BertForQuestionAnswering,
 # BertForMaskedLM ...), but not in a bare BertModel checkpoint; both spell the same parameters.
 _HF_PREFIX: Final = "bert."
+# The RoBERTa family's task models prefix it with "roberta." (XLM-R and CamemBERT too).
+_HF_PREFIXES: Final = (_HF_PREFIX, "roberta.")
+# config.json model types built by this module: BERT and the RoBERTa family (same layers).
+_MODEL_TYPES: Final = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
 
 # Checkpoint files we read; listed once so error messages and the loader cannot disagree.
 _CONFIG_FILE: Final = "config.json"
@@ -70,6 +74,10 @@ class BertConfig:
         layer_norm_eps: Epsilon of every LayerNorm.
         hidden_act: Feed-forward activation; only ``"gelu"`` (the exact erf form, as Hugging
             Face's ``"gelu"``) is supported.
+        position_offset: Position-table row of a sample's first token: 0 for BERT,
+            ``padding_idx + 1`` for the RoBERTa family (RoBERTa, XLM-RoBERTa, CamemBERT), whose
+            positions are ``cumsum(input_ids != pad) + padding_idx``. A sample is at most
+            ``max_position_embeddings - position_offset`` tokens long.
     """
 
     vocab_size: int
@@ -81,6 +89,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
+    position_offset: int = 0
 
     def __post_init__(self) -> None:
         """Reject configs the graph builder cannot represent faithfully.
@@ -102,6 +111,16 @@ class BertConfig:
             # bool is an int subclass; True as a layer count is surely a bug.
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelFormatError(f"BertConfig.{field} must be a positive int, got {value!r}")
+        offset = self.position_offset
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ModelFormatError(
+                f"BertConfig.position_offset must be an int >= 0, got {offset!r}"
+            )
+        if offset >= self.max_position_embeddings:
+            raise ModelFormatError(
+                f"position_offset {offset} leaves no row of the {self.max_position_embeddings} "
+                "position embeddings"
+            )
         if self.hidden_size % self.num_heads != 0:
             raise ModelFormatError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -116,6 +135,11 @@ class BertConfig:
             )
 
     @property
+    def max_length(self) -> int:
+        """The longest sample the position table covers."""
+        return self.max_position_embeddings - self.position_offset
+
+    @property
     def head_dim(self) -> int:
         """Width of one attention head (``hidden_size // num_heads``)."""
         return self.hidden_size // self.num_heads
@@ -125,21 +149,26 @@ class BertConfig:
         """Build a config from a Hugging Face ``config.json`` mapping.
 
         Args:
-            hf_config: The parsed ``config.json`` of a ``bert`` model.
+            hf_config: The parsed ``config.json`` of a ``bert`` model, or of the RoBERTa family
+                (``roberta``, ``xlm-roberta``, ``camembert``: BERT's layers, positions from
+                ``pad_token_id + 1``).
 
         Returns:
             The equivalent :class:`BertConfig`.
 
         Raises:
-            ModelFormatError: If ``model_type`` is not ``"bert"``, a required key is missing, or
+            ModelFormatError: If ``model_type`` is not one of those, a required key is missing, or
                 the model uses features the builder does not implement (relative positions, a
                 non-gelu activation).
         """
         model_type = hf_config.get("model_type")
-        if model_type != "bert":
-            # RoBERTa, DistilBERT, ... share most names but differ in details (position offsets,
-            # no token types) that would make the built graph silently wrong.
-            raise ModelFormatError(f"expected model_type 'bert', got {model_type!r}")
+        if model_type not in _MODEL_TYPES:
+            # DistilBERT, MPNet, ... share most names but differ in details (no token types,
+            # relative attention bias) that would make the built graph silently wrong.
+            raise ModelFormatError(
+                f"expected model_type in {sorted(_MODEL_TYPES)}, got {model_type!r}"
+            )
+        offset = 0 if model_type == "bert" else int(hf_config.get("pad_token_id", 1)) + 1
         position_type = hf_config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ModelFormatError(
@@ -162,6 +191,7 @@ class BertConfig:
                 type_vocab_size=hf_config.get("type_vocab_size", 2),
                 layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
                 hidden_act=hf_config.get("hidden_act", "gelu"),
+                position_offset=offset,
             )
         except (TypeError, ValueError) as exc:
             if isinstance(exc, ModelFormatError):
@@ -256,9 +286,9 @@ def normalize_weights(
     """
     stripped: dict[str, npt.NDArray[Any]] = {}
     for name, array in weights.items():
-        key = name.removeprefix(_HF_PREFIX)
+        key = next((name.removeprefix(p) for p in _HF_PREFIXES if name.startswith(p)), name)
         if key in stripped:
-            raise ModelFormatError(f"parameter {key!r} given both with and without 'bert.' prefix")
+            raise ModelFormatError(f"parameter {key!r} given both with and without a prefix")
         stripped[key] = array
 
     qa_present = [name for name in (QA_WEIGHT, QA_BIAS) if name in stripped]

@@ -182,9 +182,14 @@ def _validate(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
-    if seq_len > config.max_position_embeddings:
+    if seq_len > config.max_length:
         raise ValueError(
             f"seq_len {seq_len} exceeds max_position_embeddings {config.max_position_embeddings}"
+            + (
+                f" less the position offset {config.position_offset}"
+                if config.position_offset
+                else ""
+            )
         )
     if batch_size * seq_len >= 2**31:
         raise ValueError("batch_size * seq_len must fit int32 stream indices")
@@ -270,11 +275,14 @@ def build_bert_onnx(
 
     word = embedding("embeddings.word_embeddings.weight", "input_ids")
     token_type = embedding("embeddings.token_type_embeddings.weight", "token_type_ids")
+    offset = config.position_offset  # RoBERTa family: table rows from padding_idx + 1
     if form is InputForm.PADDED:
         # [S, H], broadcast over rows: every row starts at position 0.
-        positions = e.const(np.arange(s), np.int32, "positions")
+        positions = e.const(np.arange(s) + offset, np.int32, "positions")
     else:
-        positions = "position_ids"  # [B, S]
+        positions = "position_ids"  # [B, S]: 0..L-1 per sample
+        if offset:
+            positions = e.op("Add", [positions, e.const(offset, np.int32, "position_offset")])
     position = embedding("embeddings.position_embeddings.weight", positions)
     x = e.op("Add", [e.op("Add", [word, token_type]), position])
     # The encoder works on a 2-D [tokens, H] stream: Gemm needs 2-D input, LayerNorm and FFN are

@@ -72,8 +72,8 @@ def reference_forward(
     if ids.ndim != 1 or types.shape != ids.shape:
         raise ValueError(f"expected equal 1-D ids, got {ids.shape} and {types.shape}")
     length = ids.shape[0]
-    if not 1 <= length <= config.max_position_embeddings:
-        raise ValueError(f"length {length} outside 1..{config.max_position_embeddings}")
+    if not 1 <= length <= config.max_length:
+        raise ValueError(f"length {length} outside 1..{config.max_length}")
     if ids.min() < 0 or ids.max() >= config.vocab_size:
         raise ValueError("input_ids out of vocabulary range")
     if types.min() < 0 or types.max() >= config.type_vocab_size:
@@ -97,7 +97,9 @@ def reference_forward(
     x = (
         w32["embeddings.word_embeddings.weight"][ids].astype(np.float64)
         + w32["embeddings.token_type_embeddings.weight"][types].astype(np.float64)
-        + w32["embeddings.position_embeddings.weight"][:length].astype(np.float64)
+        + w32["embeddings.position_embeddings.weight"][
+            config.position_offset : config.position_offset + length
+        ].astype(np.float64)
     )
     x = norm(x, "embeddings.LayerNorm")
     for layer in range(config.num_layers):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -85,14 +86,23 @@ def fill_lengths(rng: np.random.Generator, capacity: int, seq_len: int) -> list[
     return lengths
 
 
-def run_single(session: ort.InferenceSession, sample: Sample) -> dict[str, FloatArray]:
-    """Run the unconverted export on one sample alone: batch 1, its own length, mask of ones."""
-    feeds = {
+def run_single(
+    session: ort.InferenceSession, sample: Sample, *, position_offset: int = 0
+) -> dict[str, FloatArray]:
+    """Run the unconverted export on one sample alone: batch 1, its own length, mask of ones.
+
+    Only the inputs the export takes are fed; an export with a ``position_ids`` input gets
+    ``position_offset + 0 .. L-1`` (RoBERTa family: ``padding_idx + 1 ...``).
+    """
+    # Hugging Face exports take int64 ids.
+    values: dict[str, npt.NDArray[Any]] = {
         "input_ids": sample.input_ids[None, :].astype(np.int64),
         "attention_mask": np.ones((1, sample.length), dtype=np.int64),
         "token_type_ids": sample.token_type_ids[None, :].astype(np.int64),
+        "position_ids": position_offset + np.arange(sample.length, dtype=np.int64)[None, :],
     }
-    return run(session, feeds)
+    taken = {i.name for i in session.get_inputs()}
+    return run(session, {name: value for name, value in values.items() if name in taken})
 
 
 def per_sample_max_diff(

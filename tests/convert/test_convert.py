@@ -335,11 +335,26 @@ def test_unpack_repack_rejects_keep_row_outputs() -> None:
 
 def test_cli_unpack_repack(tmp_path: Path) -> None:
     out = tmp_path / "stream.onnx"
-    argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--attention", "unpack_repack"]
+    argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--form", "unpack_repack"]
     shape = ["--max-valid-num", "8", "--batch-size", "2", "--seq-len", "32"]
     assert cli_main(["convert", *argv, *shape]) == 0
     model = onnx.load(str(out))
     assert [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] == [8, 32]
+
+
+def test_cli_form_vocabulary_and_the_hidden_attention_alias(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = str(fixture_path("tiny_hf_bert_qa"))
+    shape = ["--batch-size", "2", "--seq-len", "32"]
+    assert (
+        cli_main(["convert", source, str(tmp_path / "a.onnx"), "--attention", "padding", *shape])
+        == 0
+    )
+    assert "form=padded" in capsys.readouterr().out
+    bad = ["convert", source, str(tmp_path / "b.onnx"), "--form", "block_diagonal"]
+    assert cli_main(bad) == 2
+    assert "invalid form value: 'block_diagonal'" in capsys.readouterr().err
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -411,7 +426,7 @@ def test_no_attention_softmax() -> None:
 
 
 def test_no_position_gather() -> None:
-    with pytest.raises(ConversionError, match="no position-embedding Gather found"):
+    with pytest.raises(ConversionError, match="no position-embedding lookup found"):
         convert_to_packed(_embeddings_only(position_from_input_ids=True))
 
 
@@ -424,7 +439,7 @@ def test_positions_computed_from_input_ids_in_fixture() -> None:
         if n.op_type == "Gather" and n.input[0].endswith("position_embeddings.weight")
     )
     gather.input[1] = "input_ids"
-    with pytest.raises(ConversionError, match="no position-embedding Gather found"):
+    with pytest.raises(ConversionError, match="no position-embedding lookup found"):
         convert_to_packed(model)
 
 
@@ -488,8 +503,10 @@ def test_not_an_onnx_file(tmp_path: Path) -> None:
 def test_cli_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "packed.onnx"
     argv = [str(fixture_path("tiny_hf_bert_qa")), str(out), "--batch-size", "4", "--seq-len", "64"]
-    assert cli_main(["convert", *argv]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert cli_main(["convert", *argv, "--explain"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    assert "positions: range lookup" in printed and "self-check: packed vs each sample" in printed
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     rng = np.random.default_rng(6)

@@ -18,7 +18,7 @@ from packrunner import InputForm, PackRunner, RunnerConfig
 from packrunner.config import PackAlgorithm
 from packrunner.convert import convert_file
 from packrunner.devices.onnx import OnnxDevice
-from tests._support import token_samples
+from tests._support import Sample, token_samples
 
 from ._support import fixture_path, make_session, run_single
 
@@ -61,3 +61,30 @@ def test_engine_runs_converted_model(
         for name in ("start_logits", "end_logits"):
             assert result[name].shape == (sample.length,)
             np.testing.assert_allclose(result[name], reference[name][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_hf_roberta_sdpa", "tiny_hf_roberta_posids"])
+def test_engine_feeds_roberta_positions(tmp_path: Path, fixture: str) -> None:
+    # The runner feeds 0..L-1 per sample whatever the kind: the converted graph adds RoBERTa's
+    # padding_idx + 1 itself, so positions up to seq_len are all the runner ever checks or sends.
+    model_path = tmp_path / "packed.onnx"
+    convert_file(fixture_path(fixture), model_path, batch_size=4, seq_len=64)
+    rng = np.random.default_rng(12)
+    lengths = [64, 1, 63, *(int(n) for n in rng.integers(1, 65, size=17))]
+    ids = [rng.integers(2, 128, size=n).astype(np.int32) for n in lengths]  # no pad token (1)
+    config = RunnerConfig(
+        algorithm=PackAlgorithm.FIRST_FIT, batch_size=4, seq_len=64, timeout_us=2_000
+    )
+    with PackRunner(OnnxDevice(model_path, intra_op_num_threads=2), config) as runner:
+        results = [runner.submit({"input_ids": sample}) for sample in ids]
+        outputs = [future.result(timeout=60) for future in results]
+    original = make_session(fixture_path(fixture))
+    for sample, result in zip(ids, outputs, strict=True):
+        reference = run_single(
+            original,
+            Sample(sample.astype(np.int32), np.zeros(len(sample), np.int32)),
+            position_offset=2,
+        )
+        np.testing.assert_allclose(
+            result["last_hidden_state"], reference["last_hidden_state"][0], rtol=0, atol=1e-5
+        )

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from packrunner.convert import ConversionError, convert_to_packed
+from packrunner.convert import convert_to_packed, explain
 from tests._support import pack_first_fit, token_samples
 
 from ._support import make_session, per_sample_max_diff, run, run_single, stream_pack
@@ -115,13 +115,11 @@ def test_bert_like_graph(opset: int, slice_name: str) -> None:
     feeds["attention_mask"] = (feeds["attention_mask"] > 0).astype(np.int32)
     assert per_sample_max_diff(run(session, feeds), placements, references) > 0.1
 
-    if opset >= 13:
-        stream = convert_to_packed(
-            original, batch_size=BATCH, seq_len=SEQ, form="unpack_repack", max_valid_num=12
-        )
-        feeds, placements = stream_pack(samples, BATCH, SEQ, 12)
-        outputs = run(make_session(stream.SerializeToString()), feeds)
-        assert per_sample_max_diff(outputs, placements, references) <= 1e-5
-    else:
-        with pytest.raises(ConversionError, match="needs ai.onnx opset >= 13, got 12"):
-            convert_to_packed(original, batch_size=BATCH, seq_len=SEQ, form="unpack_repack")
+    # Below opset 13 the export is upgraded for unpack/repack (its per-slot rewrite needs 13).
+    stream = convert_to_packed(
+        original, batch_size=BATCH, seq_len=SEQ, form="unpack_repack", max_valid_num=12
+    )
+    assert ("upgraded: ai.onnx opset 12 -> 13" in explain(stream)) == (opset < 13)
+    feeds, placements = stream_pack(samples, BATCH, SEQ, 12)
+    outputs = run(make_session(stream.SerializeToString()), feeds)
+    assert per_sample_max_diff(outputs, placements, references) <= 1e-5

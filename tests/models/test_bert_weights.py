@@ -120,8 +120,9 @@ def test_config_rejects_invalid(overrides: dict[str, Any]) -> None:
 
 
 def test_config_from_hf_dict_rejects_other_models() -> None:
-    with pytest.raises(ModelFormatError, match="roberta"):
-        BertConfig.from_hf_dict(_hf_config(TINY, model_type="roberta"))
+    # The RoBERTa family is built (tests/models/test_roberta_checkpoint.py); MPNet is not.
+    with pytest.raises(ModelFormatError, match="mpnet"):
+        BertConfig.from_hf_dict(_hf_config(TINY, model_type="mpnet"))
     with pytest.raises(ModelFormatError, match="relative_key"):
         BertConfig.from_hf_dict(_hf_config(TINY, position_embedding_type="relative_key"))
     with pytest.raises(ModelFormatError, match="gelu_new"):
@@ -244,11 +245,11 @@ def test_load_hf_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError, match=r"config\.json, model\.safetensors"):
         load_hf_checkpoint(empty)
 
-    roberta = tmp_path / "roberta"
-    _write_checkpoint(roberta, TINY)
-    (roberta / "config.json").write_text(json.dumps(_hf_config(TINY, model_type="roberta")))
+    mpnet = tmp_path / "mpnet"
+    _write_checkpoint(mpnet, TINY)
+    (mpnet / "config.json").write_text(json.dumps(_hf_config(TINY, model_type="mpnet")))
     with pytest.raises(ModelFormatError, match="model_type"):
-        load_hf_checkpoint(roberta)
+        load_hf_checkpoint(mpnet)
 
     truncated = tmp_path / "truncated"
     _write_checkpoint(truncated, TINY)
