@@ -12,7 +12,9 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
+from packrunner import Device, RunnerConfig
 from packrunner.serve import ServedModel, Server, ServeSettings
+from packrunner.serve.tokenizer import TextEncoder
 
 #: A small packed batch keeps the ORT model quick on a shared 2-core machine.
 TEST_SETTINGS = ServeSettings(
@@ -121,3 +123,25 @@ class ServerThread:
 def settings(**changes: Any) -> ServeSettings:
     """The test settings with some fields changed."""
     return replace(TEST_SETTINGS, **changes)
+
+
+def served(
+    device: Device,
+    name: str,
+    *,
+    encoder: TextEncoder | None = None,
+    labels: tuple[str, ...] = (),
+    **config: Any,
+) -> ServedModel:
+    """A model served from a test device; ``config`` overrides one sample per batch at once."""
+    shape = device.input_specs["input_ids"].shape
+    runner = {"batch_size": shape[0], "seq_len": shape[1], "max_valid_num": 1, "timeout_us": 0}
+    return ServedModel(
+        name=name,
+        source="test",
+        device=device,
+        config=RunnerConfig(**{**runner, **config}),
+        encoder=encoder,
+        outputs=dict(device.output_specs),
+        labels=labels,
+    )

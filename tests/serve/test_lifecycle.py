@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from safetensors.numpy import save_file
 
-from packrunner import PackRunner, RunnerConfig
+from packrunner import PackRunner
 from packrunner.cli import build_parser
 from packrunner.devices.onnx import OnnxDevice
 from packrunner.models import BertConfig, random_bert_weights
@@ -31,23 +31,14 @@ from packrunner.serve.cli import add_arguments, run, settings_from_args
 from packrunner.serve.tokenizer import build_default_tokenizer
 from tests._support import GatedDevice
 
-from ._support import ServerThread, settings
+from ._support import ServerThread, served, settings
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _gated_model() -> tuple[ServedModel, GatedDevice]:
     device = GatedDevice(batch_size=1, seq_len=64)
-    model = ServedModel(
-        name="gated",
-        source="test",
-        device=device,
-        config=RunnerConfig(batch_size=1, seq_len=64, max_valid_num=1, timeout_us=0),
-        encoder=None,
-        outputs=dict(device.output_specs),
-        labels=(),
-    )
-    return model, device
+    return served(device, "gated"), device
 
 
 def _infer_body(ids: list[int]) -> dict[str, Any]:

@@ -23,12 +23,10 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from packrunner import RunnerConfig
-from packrunner.serve import ServedModel
 from packrunner.serve.tokenizer import TextEncoder, build_default_tokenizer
 from tests._support import GatedDevice, PoisonDevice, reference
 
-from ._support import ServerThread, settings
+from ._support import ServerThread, served, settings
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -79,15 +77,7 @@ class Gated:
 def gated() -> Iterator[Gated]:
     device = GatedDevice(batch_size=1, seq_len=64)
     device.gate.set()  # warm-up must run
-    model = ServedModel(
-        name="gated",
-        source="test",
-        device=device,
-        config=RunnerConfig(batch_size=1, seq_len=64, max_valid_num=1, timeout_us=0),
-        encoder=TextEncoder(build_default_tokenizer(), 64),
-        outputs=dict(device.output_specs),
-        labels=(),
-    )
+    model = served(device, "gated", encoder=TextEncoder(build_default_tokenizer(), 64))
     serve_settings = settings(
         api_key=KEY, max_concurrent_requests=3, payload_limit=64 * 1024, batch_size=1
     )
@@ -319,15 +309,7 @@ def test_deadlines_504_and_deadline_exceeded(gated: Gated) -> None:
 
 def test_device_failure_is_500_and_internal_and_others_are_unaffected() -> None:
     device = PoisonDevice(batch_size=1, seq_len=64)
-    model = ServedModel(
-        name="poison",
-        source="test",
-        device=device,
-        config=RunnerConfig(batch_size=1, seq_len=64, max_valid_num=1, timeout_us=0),
-        encoder=None,
-        outputs=dict(device.output_specs),
-        labels=(),
-    )
+    model = served(device, "poison")
     with ServerThread(settings(batch_size=1), model) as server:
         url = f"{server.base_url}/v2/models/poison/infer"
         failed = httpx.post(url, json=_v2([[1, PoisonDevice.POISON, 3]]), timeout=30)
@@ -346,17 +328,7 @@ def test_queue_bound_is_429_and_request_timeout_is_504() -> None:
     """--max-queued-sequences (the runner's queue) and --request-timeout, the server default."""
     device = GatedDevice(batch_size=1, seq_len=64)
     device.gate.set()
-    model = ServedModel(
-        name="gated",
-        source="test",
-        device=device,
-        config=RunnerConfig(
-            batch_size=1, seq_len=64, max_valid_num=1, timeout_us=0, max_queue_size=1
-        ),
-        encoder=None,
-        outputs=dict(device.output_specs),
-        labels=(),
-    )
+    model = served(device, "gated", max_queue_size=1)
     with ServerThread(settings(batch_size=1, request_timeout=0.2), model) as server:
         assert device.entered.acquire(timeout=0)  # the warm-up batch's entry
         device.gate.clear()

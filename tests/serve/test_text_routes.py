@@ -12,11 +12,10 @@ import numpy.typing as npt
 import openai
 import pytest
 
-from packrunner import OutputLayout, OutputSpec, PackRunner, RunnerConfig, SimulatedDevice
-from packrunner.serve import ServedModel
+from packrunner import OutputLayout, OutputSpec, PackRunner, SimulatedDevice
 from packrunner.serve.tokenizer import TextEncoder, build_default_tokenizer
 
-from ._support import ServerThread, settings
+from ._support import ServerThread, served, settings
 
 MODEL = "packrunner-bert"
 TEXTS = ["The cat sat on the mat.", "Packing puts several sequences in one row!", "x"]
@@ -152,14 +151,13 @@ class ClassifierDevice(SimulatedDevice):
 
 def test_tei_predict_on_a_classifier() -> None:
     device = ClassifierDevice()
-    model = ServedModel(
-        name="classifier",
-        source="test",
-        device=device,
-        config=RunnerConfig(batch_size=2, seq_len=64, max_valid_num=40, timeout_us=1000),
+    model = served(
+        device,
+        "classifier",
         encoder=TextEncoder(build_default_tokenizer(), 64),
-        outputs=dict(device.output_specs),
         labels=("long", "digest", "bias"),
+        max_valid_num=40,
+        timeout_us=1000,
     )
     tokenizer = build_default_tokenizer()
     with ServerThread(settings(batch_size=2), model) as server:
