@@ -501,6 +501,13 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
         "first token (RoBERTa family: padding_idx + 1; default: inferred)",
     )
     parser.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="fp16: weights and activations in fp16 (int32 inputs, fp32 outputs), self-checked "
+        "against the fp32 export within the fp16 tolerance (PopRT's --precision fp16)",
+    )
+    parser.add_argument(
         "--explain",
         action="store_true",
         help="print which position kind and mask sites were found, what was rewritten and "
@@ -523,10 +530,11 @@ def _run_convert(args: argparse.Namespace) -> int:
         keep_row_outputs=args.keep_row_outputs,
         max_valid_num=args.max_valid_num,
         position_offset=args.position_offset,
+        precision=args.precision,
     )
     print(
         f"wrote {args.output} (batch_size={args.batch_size}, seq_len={args.seq_len}, "
-        f"form={args.form})"
+        f"form={args.form}, precision={args.precision})"
     )
     if args.explain:
         print(explain(converted))

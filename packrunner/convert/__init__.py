@@ -12,11 +12,13 @@ from packrunner.convert._converter import (
     convert_to_packed,
     explain,
 )
+from packrunner.convert._precision import Precision
 from packrunner.errors import ConversionError
 
 __all__ = [
     "PACKED_INPUT_NAMES",
     "ConversionError",
+    "Precision",
     "convert_file",
     "convert_to_packed",
     "explain",

@@ -74,6 +74,7 @@ from packrunner.convert._match_positions import (
     find_embedding_sum,
     find_position_lookup,
 )
+from packrunner.convert._precision import Precision, to_float16
 from packrunner.convert._rewrite import (
     drop_outputs,
     expose_position_ids,
@@ -115,6 +116,7 @@ def convert_to_packed(
     keep_row_outputs: bool = False,
     max_valid_num: int = 40,
     position_offset: int | None = None,
+    precision: Precision | str = Precision.FP32,
 ) -> onnx.ModelProto:
     """Rewrite a Hugging Face encoder export for packed ``[batch_size, seq_len]`` batches.
 
@@ -144,6 +146,10 @@ def convert_to_packed(
             row of a sample's first token (RoBERTa family: ``padding_idx + 1``). None infers it
             (see :func:`~packrunner.convert._match_positions.find_position_lookup`). The converted
             graph's ``position_ids`` input is always ``0 .. L-1`` per sample, whatever the kind.
+        precision: ``"fp32"`` (default) keeps the export's precision; ``"fp16"`` (PopRT's
+            ``--precision fp16``) converts weights and activations to fp16, inputs stay int32
+            and outputs fp32, and the self-check holds it to the fp16 tolerance
+            (:data:`~packrunner.convert._precision.FP16_TOLERANCE`).
 
     Returns:
         The converted model, already validated with ``onnx.checker.check_model(full_check=True)``
@@ -159,6 +165,7 @@ def convert_to_packed(
         ValueError: An argument is out of range.
     """
     form = InputForm.parse(form)
+    precision = Precision.parse(precision)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if seq_len < 1:
@@ -193,6 +200,8 @@ def convert_to_packed(
         position_offset=position_offset,
     )
     converted = _validate(proto)
+    if precision is Precision.FP16:
+        converted = _validate(to_float16(converted))
     check = check_equivalence(
         original,
         converted,
@@ -203,9 +212,12 @@ def convert_to_packed(
         lookup=found.lookup,
         vocab_size=found.vocab_size,
         outputs=found.outputs,
+        tolerance=precision.tolerance,
     )
     if upgraded_from is not None:
         found.notes.insert(0, f"upgraded: ai.onnx opset {upgraded_from} -> {opset}")
+    if precision is Precision.FP16:
+        found.notes.append("precision: fp16 weights and activations, int32 inputs, fp32 outputs")
     found.notes.append(
         f"self-check: packed vs each sample alone over lengths {list(check.lengths)}: max abs "
         f"diff {check.max_abs_diff:.3g} <= {check.bound:.3g}"
@@ -226,6 +238,7 @@ def convert_file(
     keep_row_outputs: bool = False,
     max_valid_num: int = 40,
     position_offset: int | None = None,
+    precision: Precision | str = Precision.FP32,
 ) -> onnx.ModelProto:
     """Convert the model at ``in_path`` and write the result to ``out_path``.
 
@@ -239,6 +252,7 @@ def convert_file(
         keep_row_outputs: As :func:`convert_to_packed`.
         max_valid_num: As :func:`convert_to_packed`.
         position_offset: As :func:`convert_to_packed`.
+        precision: As :func:`convert_to_packed`.
 
     Returns:
         The converted model that was written.
@@ -254,6 +268,7 @@ def convert_file(
         keep_row_outputs=keep_row_outputs,
         max_valid_num=max_valid_num,
         position_offset=position_offset,
+        precision=precision,
     )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ random samples (lengths ``1 .. seq_len``, extremes included) packed the way the 
 (:func:`packrunner.packing.plan_batch` / :func:`~packrunner.packing.build_feeds` /
 :func:`~packrunner.packing.unpack_outputs`, the engine's own code), and the *original* export runs
 each sample alone (batch 1, its own length, a mask of ones). Every output of every sample must
-agree within ``TOLERANCE * max(1, max |reference|)``; otherwise the conversion is wrong (a table
+agree within ``tolerance * max(1, max |reference|)`` (the precision's: fp32 or fp16, see
+:mod:`packrunner.convert._precision`); otherwise the conversion is wrong (a table
 taken for another, positions shifted, a mask use left behind) and :class:`ConversionError` says
 by how much.
 """
@@ -23,15 +24,14 @@ import onnxruntime as ort
 from packrunner.config import InputForm
 from packrunner.convert._match import OutputKind
 from packrunner.convert._match_positions import PositionKind, PositionLookup
+from packrunner.convert._precision import FP32_TOLERANCE
 from packrunner.devices.base import OutputLayout, OutputSpec
 from packrunner.errors import ConversionError
 from packrunner.graphs import UNPACK_INFO, make_session
 from packrunner.packing import build_feeds, plan_batch, unpack_outputs
 
-__all__ = ["TOLERANCE", "SelfCheck", "check_equivalence"]
+__all__ = ["SelfCheck", "check_equivalence"]
 
-#: Relative tolerance of the self-check (of the largest reference magnitude, at least 1).
-TOLERANCE = 1e-4
 _SEED = 20261202
 
 
@@ -68,8 +68,11 @@ def check_equivalence(
     lookup: PositionLookup,
     vocab_size: int,
     outputs: Mapping[str, OutputKind],
+    tolerance: float = FP32_TOLERANCE,
 ) -> SelfCheck:
     """Run ``converted`` packed against ``original`` per sample; refuse a mismatch.
+
+    ``tolerance`` is relative to the largest reference magnitude of an output (at least 1).
 
     Raises:
         ConversionError: Some output differs by more than the tolerance.
@@ -129,7 +132,7 @@ def check_equivalence(
                     want = want[: lengths[index]]
                 diff = np.abs(np.asarray(got, np.float64) - want)
                 worst = max(worst, float(diff.max()))
-                bound = max(bound, TOLERANCE * max(1.0, float(np.abs(want).max())))
+                bound = max(bound, tolerance * max(1.0, float(np.abs(want).max())))
         pending = [i for i in pending if i not in chosen]
     if not worst <= bound:
         raise ConversionError(
