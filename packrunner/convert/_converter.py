@@ -104,7 +104,7 @@ logger = logging.getLogger("packrunner.convert")
 EXPLAIN_KEY = "packrunner.explain"
 
 # The opset the unpack/repack rewrite is written for; older exports are upgraded to it.
-_UNPACK_OPSET = 13
+_UNPACK_OPSET = 17
 
 
 def convert_to_packed(
@@ -136,7 +136,7 @@ def convert_to_packed(
             int32 (the samples' lengths, 0 for unused slots), token-wise layers run on the stream
             and each attention block on a per-sample ``[max_valid_num, seq_len]`` view; per-token
             outputs are ``[max_valid_num, seq_len, ...]``, slot ``k`` holding sample ``k`` from
-            position 0 and zeros past its length. Exports below opset 13 are upgraded to it.
+            position 0 and zeros past its length. Exports below opset 17 are upgraded to it.
         keep_row_outputs: Outputs with no sequence axis (``pooler_output``: one vector per row)
             are dropped by default, because in a packed row they describe only the row's first
             sample. Pass True to keep them (shape ``[batch_size, ...]``; not with
@@ -186,8 +186,8 @@ def convert_to_packed(
     original.CopyFrom(proto)
     upgraded_from = None
     if form is InputForm.UNPACK_REPACK and opset < _UNPACK_OPSET:
-        # The per-slot rewrite emits opset-13 ops (axes as inputs); PopRT users' exports are
-        # opset 11. The self-check below compares against the original, not the upgrade.
+        # PopRT users' exports are opset 11. The self-check below compares against the
+        # original, not the upgrade.
         proto, upgraded_from, opset = _upgrade(proto, _UNPACK_OPSET), opset, _UNPACK_OPSET
     found = _convert(
         proto,

@@ -49,11 +49,10 @@ ENCODERS = {
 }
 # Refused unpack/repack conversions, and why: MPNet's relative-position bias is computed once,
 # outside the attention blocks, on the [B, S] row; per-sample slots would need it per slot.
-# An opset 11 export is upgraded to opset 13 for unpack/repack (its wrapped Softmax unwrapped, so
-# the mask is found), but the upgraded context reshape is not followed yet.
+# (An opset 11 export is upgraded to opset 17 for unpack/repack, its wrapped Softmax unwrapped:
+# it converts.)
 UNPACK_REFUSED = {
     "tiny_hf_mpnet": "from outside the attention block",
-    "tiny_hf_bert_opset11": "cannot follow the attention context forward",
 }
 VOCAB = 128
 # The RoBERTa family's pad token; samples never contain it (tokenizers put it only past the end).

@@ -115,11 +115,11 @@ def test_bert_like_graph(opset: int, slice_name: str) -> None:
     feeds["attention_mask"] = (feeds["attention_mask"] > 0).astype(np.int32)
     assert per_sample_max_diff(run(session, feeds), placements, references) > 0.1
 
-    # Below opset 13 the export is upgraded for unpack/repack (its per-slot rewrite needs 13).
+    # Below opset 17 the export is upgraded for unpack/repack (see _converter._UNPACK_OPSET).
     stream = convert_to_packed(
         original, batch_size=BATCH, seq_len=SEQ, form="unpack_repack", max_valid_num=12
     )
-    assert ("upgraded: ai.onnx opset 12 -> 13" in explain(stream)) == (opset < 13)
+    assert ("upgraded: ai.onnx opset 12 -> 17" in explain(stream)) == (opset < 17)
     feeds, placements = stream_pack(samples, BATCH, SEQ, 12)
     outputs = run(make_session(stream.SerializeToString()), feeds)
     assert per_sample_max_diff(outputs, placements, references) <= 1e-5
