@@ -22,6 +22,7 @@ The patterns are matched by data flow, not by node names:
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,20 +161,27 @@ def find_inputs(view: GraphView) -> ExportInputs:
     return ExportInputs(frozenset(inputs), batch_dim, seq_dim)
 
 
-def refuse_fused_ops(view: GraphView) -> None:
-    """Refuse, naming them, fused attention / embedding ops (before any other finder runs)."""
+def refuse_fused_ops(view: GraphView, handled: Collection[str] = ()) -> None:
+    """Refuse, naming them, fused attention / embedding ops (before any other finder runs).
+
+    Args:
+        view: The export's graph.
+        handled: First outputs of the attention ops that take the block-diagonal bias as an
+            additive mask (:mod:`packrunner.convert._attention_ops`): not refused.
+    """
     fused = sorted(
         {
             f"{n.domain or 'ai.onnx'}::{n.op_type}"
             for n in view.graph.node
-            if n.op_type in _FUSED_OPS
+            if n.op_type in _FUSED_OPS and n.output[0] not in handled
         }
     )
     if fused:
         raise ConversionError(
             f"the graph uses fused ops {fused}: their attention mask (or position lookup) is "
-            "inside one node, which the converter cannot rewrite; convert the export before "
-            "fusing (no onnxruntime transformers optimizer; opset < 23 for ONNX Attention)"
+            "inside one node that takes no additive mask the converter could feed; convert the "
+            "export before fusing (onnxruntime's transformer optimizer: without "
+            "EmbedLayerNormalization fusion, which hides the position lookup)"
         )
 
 
@@ -198,13 +206,21 @@ class MaskSite:
     elem_type: int
 
 
-def find_mask_sites(view: GraphView, types: TensorTypes) -> list[MaskSite]:
-    """One :class:`MaskSite` per attention Softmax; fails if any Softmax has none."""
+def find_mask_sites(
+    view: GraphView, types: TensorTypes, *, required: bool = True
+) -> list[MaskSite]:
+    """One :class:`MaskSite` per attention Softmax; fails if any Softmax has none.
+
+    With ``required=False`` (the graph's attention is in attention ops), a graph without an
+    attention Softmax has no sites instead of failing.
+    """
     softmaxes = [
         n
         for n in view.graph.node
         if n.op_type == "Softmax" and n.domain in ("", "ai.onnx") and _is_attention(view, n)
     ]
+    if not softmaxes and not required:
+        return []
     if not softmaxes:
         raise ConversionError(
             "attention mask subgraph not found: no attention Softmax (a Softmax over "

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped,u
 
 from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
 from packrunner.errors import ConfigError, DeviceError
+from packrunner.graphs import BLOCK_DIAGONAL_MARK
 
 __all__ = ["BATCH_COUPLING_OPS", "OnnxDevice"]
 
@@ -113,7 +114,15 @@ class OnnxDevice(Device):
         except DecodeError as exc:
             raise ConfigError(f"{str(self.model_path)!r} is not an ONNX model: {exc}") from exc
         graph = model.graph
-        coupling = sorted({node.op_type for node in graph.node} & BATCH_COUPLING_OPS)
+        coupling = sorted(
+            {
+                node.op_type
+                for node in graph.node
+                if node.op_type in BATCH_COUPLING_OPS
+                # an attention op the converter fed the block-diagonal bias (and self-checked)
+                and BLOCK_DIAGONAL_MARK not in {(p.key, p.value) for p in node.metadata_props}
+            }
+        )
         if coupling and not allow_batch_coupling_ops:
             raise ConfigError(
                 f"model {self.model_path.name} contains {coupling}: fused attention ignores the "

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 from packrunner.graphs._evaluate import evaluate, make_session
 from packrunner.graphs._graph import GraphView, NodeEmitter, default_opset, subgraph_references
-from packrunner.graphs._masks import MASK_BIAS, block_diagonal_bias, padding_bias
+from packrunner.graphs._masks import (
+    BLOCK_DIAGONAL_MARK,
+    MASK_BIAS,
+    block_diagonal_bias,
+    padding_bias,
+)
 from packrunner.graphs._stream import UNPACK_INFO, StreamIndex
 
 __all__ = [
+    "BLOCK_DIAGONAL_MARK",
     "MASK_BIAS",
     "UNPACK_INFO",
     "GraphView",

@@ -15,12 +15,19 @@ from onnx import TensorProto
 
 from packrunner.graphs._graph import NodeEmitter
 
-__all__ = ["MASK_BIAS", "block_diagonal_bias", "padding_bias"]
+__all__ = ["BLOCK_DIAGONAL_MARK", "MASK_BIAS", "block_diagonal_bias", "padding_bias"]
 
 MASK_BIAS: Final = -10000.0
 """Additive bias on a forbidden attention score. Finite (unlike -inf) so a query with no allowed key
 (a padding token, an empty slot) gets a uniform softmax instead of NaN; large enough that
 ``exp(-10000)`` underflows to exactly 0 in fp32 and fp16, so masked keys contribute nothing."""
+
+
+BLOCK_DIAGONAL_MARK: Final = ("packrunner.attention_mask", "block_diagonal")
+"""Node metadata (key, value) the converter sets on a fused attention op (ONNX ``Attention``,
+``com.microsoft`` ``Attention`` / ``MultiHeadAttention``) whose additive mask it made the
+block-diagonal bias, after its self-check proved packed equal to per-sample outputs: such an op
+does not couple batch mates, and :class:`~packrunner.OnnxDevice` accepts it."""
 
 
 def block_diagonal_bias(
