@@ -44,7 +44,12 @@ from packrunner.graphs import (
     evaluate,
 )
 
-__all__ = ["AttentionOp", "find_attention_ops", "use_block_diagonal_bias_in_ops"]
+__all__ = [
+    "AttentionOp",
+    "attention_op_nodes",
+    "find_attention_ops",
+    "use_block_diagonal_bias_in_ops",
+]
 
 _MASK_INPUT = "attention_mask"
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16})
@@ -94,8 +99,17 @@ def _label(domain: str, op_type: str) -> str:
     return f"{domain or 'ai.onnx'}::{op_type}"
 
 
+def _form(node: onnx.NodeProto) -> _Form | None:
+    return _FORMS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+
+
+def attention_op_nodes(view: GraphView) -> set[str]:
+    """First outputs of the graph's attention ops of a form this module converts."""
+    return {node.output[0] for node in view.graph.node if _form(node) is not None}
+
+
 def find_attention_ops(
-    model: onnx.ModelProto, view: GraphView, types: TensorTypes
+    model: onnx.ModelProto, view: GraphView, types: TensorTypes, *, seq_len: int
 ) -> list[AttentionOp]:
     """Every attention op of the graph that takes an additive mask, checked (nothing edited).
 
@@ -103,6 +117,8 @@ def find_attention_ops(
         model: The model of ``view`` (its opsets, to compute masks).
         view: The export's graph.
         types: Its tensor types.
+        seq_len: Tokens per row: masks are computed at this length (a band narrower than a
+            probe row shows; one wider than ``seq_len`` never matters).
 
     Raises:
         ConversionError: An attention op has a KV cache, or a mask input that is neither a pure
@@ -111,11 +127,10 @@ def find_attention_ops(
     """
     found: list[AttentionOp] = []
     for node in view.graph.node:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        form = _FORMS.get((domain, node.op_type))
+        form = _form(node)
         if form is None:
             continue
-        label = _label(domain, node.op_type)
+        label = _label(node.domain, node.op_type)
         where = f"{label} {node.name or node.output[0]!r}"
         present = {slot: name for slot, name in enumerate(node.input) if name}
         if any(slot in present for slot in form.state):
@@ -138,7 +153,7 @@ def find_attention_ops(
                     f"{sorted(deps)}; only a padding mask (from {_MASK_INPUT} alone) or a mask "
                     "that reads no input can be combined with the block-diagonal bias"
                 )
-            if deps and not _only_padding(model, view, mask):
+            if deps and not _only_padding(model, view, mask, seq_len):
                 raise ConversionError(
                     f"{where}: its attention mask (input {form.bias}) restricts attention beyond "
                     f"padding (a band or causal mask folded into the {_MASK_INPUT} mask); it "
@@ -161,17 +176,22 @@ def find_attention_ops(
     return found
 
 
-def _only_padding(model: onnx.ModelProto, view: GraphView, mask: str) -> bool:
-    """Whether ``mask`` lets every query attend to every key when nothing is padding."""
-    feeds = {}
-    for value in view.graph.input:
-        if not view.is_graph_input(value.name):
-            continue
-        shape = [d.dim_value or 3 for d in value.type.tensor_type.shape.dim] or [1, 3]
-        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        # Ones: no padding, and a valid id / token type / position for every embedding table.
-        feeds[value.name] = np.ones(shape, dtype)
+def _only_padding(model: onnx.ModelProto, view: GraphView, mask: str, seq_len: int) -> bool:
+    """Whether ``mask`` lets every query attend to every key of a ``seq_len`` row of no padding."""
     try:
+        feeds = {
+            value.name: np.ones(  # no padding; a valid id / type / position for every table
+                [
+                    dim.dim_value or size
+                    for dim, size in zip(
+                        value.type.tensor_type.shape.dim, (1, seq_len), strict=True
+                    )
+                ],
+                helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type),
+            )
+            for value in view.graph.input
+            if view.is_graph_input(value.name)
+        }
         (value,) = evaluate(model, view, [mask], feeds)
     except Exception:  # a mask that does not compute alone is no mask we can vouch for
         return False

@@ -58,7 +58,11 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped,u
 from onnx import helper, shape_inference, version_converter
 
 from packrunner.config import InputForm
-from packrunner.convert._attention_ops import find_attention_ops, use_block_diagonal_bias_in_ops
+from packrunner.convert._attention_ops import (
+    attention_op_nodes,
+    find_attention_ops,
+    use_block_diagonal_bias_in_ops,
+)
 from packrunner.convert._match import (
     PACKED_INPUT_NAMES,
     OutputKind,
@@ -359,8 +363,8 @@ def _convert(
 
     # Find. Nothing is edited until every pattern the form needs was found.
     inputs = find_inputs(view)
-    attention_ops = find_attention_ops(proto, view, types)
-    refuse_fused_ops(view, handled={op.node for op in attention_ops})
+    refuse_fused_ops(view, handled=attention_op_nodes(view))
+    attention_ops = find_attention_ops(proto, view, types, seq_len=seq_len)
     embeddings = find_embedding_sum(view)
     lookup = find_position_lookup(
         proto, view, embeddings, seq_len=seq_len, position_offset=position_offset
@@ -375,9 +379,7 @@ def _convert(
     # A padded model keeps the exported mask; an unpack/repack one needs its sites on the static
     # graph, so a graph without them fails here, before any edit.
     sites = (
-        []
-        if form is InputForm.PADDED
-        else find_mask_sites(view, types, required=not attention_ops)
+        [] if form is InputForm.PADDED else find_mask_sites(view, types, required=not attention_ops)
     )
     if attention_ops and form is InputForm.UNPACK_REPACK:
         raise ConversionError(
@@ -404,11 +406,11 @@ def _convert(
             )
         for label in sorted({op.label for op in attention_ops}):
             ops = [op for op in attention_ops if op.label == label]
-            kept = sum(op.kept_mask is not None for op in ops)
+            combined = sum(op.kept_mask is not None for op in ops)
             notes.append(
                 f"rewrote: {len(ops)} {label} ops take the block-diagonal bias of the segment "
                 "ids as their additive mask"
-                + (f" ({kept} added to a constant mask they had)" if kept else "")
+                + (f" ({combined} added to a constant mask they had)" if combined else "")
             )
     ours |= expose_position_ids(view, lookup, opset=opset)
     rerouted = reroute_shape_reads(view, "attention_mask", "input_ids")
