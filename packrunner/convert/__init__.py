@@ -1,7 +1,8 @@
 """``packrunner convert``: rewrite a Hugging Face encoder ONNX export into an input form.
 
 See :mod:`packrunner.convert._converter` for what is rewritten; the data-flow matchers are in
-``_match`` and ``_match_cores``, the rewrites in ``_rewrite`` and ``_unpack``.
+``_match``, ``_match_cores`` and ``_match_positions``, the rewrites in ``_rewrite`` and ``_unpack``;
+``_attention_ops`` handles attention computed by one op, ``_precision`` the fp16 conversion.
 """
 
 from __future__ import annotations

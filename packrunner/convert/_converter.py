@@ -29,6 +29,11 @@ every output has a static shape. A conversion is returned only after it passed i
 equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal to the original's
 on each sample alone, else :class:`ConversionError`.
 
+Attention computed by one node (the ONNX ``Attention`` op, onnxruntime's fused ``Attention`` /
+``MultiHeadAttention``) takes the same bias through the op's additive mask input
+(:mod:`packrunner.convert._attention_ops`); ``precision="fp16"`` converts the result to fp16 and
+self-checks it at the fp16 tolerance (:mod:`packrunner.convert._precision`).
+
 The subgraphs are found by data flow, not by node names (PopRT's example deletes ``Shape_7``,
 ``Gather_9``... by name, which breaks with the next exporter version). The finders (``_match``,
 ``_match_cores``, ``_match_positions``) return what they found as plain dataclasses before
@@ -108,7 +113,11 @@ logger = logging.getLogger("packrunner.convert")
 #: Metadata key of the converter's account of a conversion (see :func:`explain`).
 EXPLAIN_KEY = "packrunner.explain"
 
-# The opset the unpack/repack rewrite is written for; older exports are upgraded to it.
+# The opset the unpack/repack rewrite works at; older exports are upgraded to it. The per-slot
+# rewrite emits opset-13 ops (axes as inputs) and needs every attention tensor's static shape,
+# which onnx's shape inference propagates through the exporters' Shape -> Gather -> Unsqueeze ->
+# Concat -> Reshape chains only from opset 14 on (at 13 the heads' reshapes stay unknown and the
+# attention context cannot be followed); 17 is what the exporters emit by default.
 _UNPACK_OPSET = 17
 
 
