@@ -6,7 +6,7 @@ sample alone; a negative control per form shows the comparison bites.
 
 * ``com.microsoft`` ``Attention`` / ``MultiHeadAttention``: the tiny BERT fixture through
   onnxruntime's transformer optimizer (EmbedLayerNormalization fusion off: it hides the position
-  lookup and stays refused by name);
+  lookup and stays refused by name, see test_convert_encoders);
 * ONNX ``Attention``: a hand-built one-layer encoder (onnx.helper) with a padding mask, with
   ``is_causal``, and with a constant (input-free) mask that the bias is added to;
 * opset 11 (PopRT's exports): unpack/repack, upgraded internally.
@@ -89,9 +89,9 @@ def _lengths(seed: int) -> list[int]:
 # -- onnxruntime's fused forms -------------------------------------------------------------------
 
 
-def _fused(tmp_path: Path, multi_head: bool, embed_layer_norm: bool = False) -> Path:
+def _fused(tmp_path: Path, multi_head: bool) -> Path:
     options = FusionOptions("bert")
-    options.enable_embed_layer_norm = embed_layer_norm
+    options.enable_embed_layer_norm = False  # refused by name (test_convert_encoders)
     options.use_multi_head_attention = multi_head
     fused = optimize_model(
         str(fixture_path("tiny_hf_bert_qa")),
@@ -137,11 +137,6 @@ def test_fused_attention_negative_control(tmp_path: Path) -> None:
     original = make_session(fixture_path("tiny_hf_bert_qa"))
     references = [run_single(original, s) for s in samples]
     assert per_sample_max_diff(outputs, placements, references) > 0.1
-
-
-def test_fused_embeddings_stay_refused_by_name(tmp_path: Path) -> None:
-    with pytest.raises(ConversionError, match=r"\['com.microsoft::EmbedLayerNormalization'\]"):
-        convert_to_packed(_fused(tmp_path, False, embed_layer_norm=True), batch_size=2, seq_len=16)
 
 
 def test_fused_attention_unpack_repack_is_refused_by_name(tmp_path: Path) -> None:
