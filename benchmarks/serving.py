@@ -319,7 +319,7 @@ def _compare(
                 half,
                 half[0],
                 added=True,
-            ),  # fmt: skip
+            ),
         )
     )
     return report, batch_s
