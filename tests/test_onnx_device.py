@@ -150,6 +150,26 @@ def test_missing_empty_or_corrupt_files_are_refused_with_config_error(tmp_path):
             OnnxDevice(tmp_path / f"{stem}.onnx")
 
 
+@pytest.mark.parametrize(("allow_spinning", "entry"), [(None, "0"), (False, "0"), (True, "1")])
+def test_intra_op_threads_sleep_unless_spinning_is_asked_for(
+    allow_spinning: bool | None, entry: str
+) -> None:
+    """onnxruntime spins by default; OnnxDevice's sessions do not unless told to."""
+    path = default_model_path("packed")
+    device = (
+        OnnxDevice(path)
+        if allow_spinning is None
+        else OnnxDevice(path, allow_spinning=allow_spinning)
+    )
+    device.open()
+    try:
+        options = device._session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+        assert device.replica().allow_spinning is device.allow_spinning
+    finally:
+        device.close()
+
+
 def test_session_that_cannot_load_fails_start(tmp_path):
     bogus = _tiny_model(tmp_path / "custom.onnx", dims=[2, 8], op="NoSuchOp", domain="acme")
     device = OnnxDevice(bogus)

@@ -32,6 +32,7 @@ from packrunner.bench.dataset import poprt_dataset
 from packrunner.bench.devices import DeviceSet
 from packrunner.bench.latency import Target
 from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
+from packrunner.packing import drain_queue
 from packrunner.runner import PackRunner
 
 __all__ = ["ModeResult", "knee_label", "run_bench"]
@@ -51,6 +52,9 @@ OFFLINE_MODES: dict[str, PackAlgorithm] = {
     "original": PackAlgorithm.PADDED,
     "offline_attention_mask": PackAlgorithm.LOOKAHEAD,
     "offline_unpack_repack": PackAlgorithm.STREAM,
+    # The batches online_lookahead forms when the whole dataset is queued, run offline: the
+    # two differ only in how they run, so their ratio is the online path's own cost.
+    "offline_same_plan": PackAlgorithm.LOOKAHEAD,
 }
 PEER = "peer_batched"
 # Option values recorded in results.json (the parsed namespace also holds parser objects).
@@ -63,6 +67,7 @@ COMPARISONS = (
     ("original", "online_next_fit"),
     ("offline_attention_mask", "online_next_fit"),
     ("original", "online_lookahead"),
+    ("offline_same_plan", "online_lookahead"),
     ("original", "offline_attention_mask"),
     ("original", "online_padded"),
     ("original", PEER),
@@ -172,6 +177,16 @@ def run_bench(
         for name in modes
         if name in OFFLINE_MODES
     }
+    if "offline_same_plan" in modes:
+        lookahead = _config(args, PackAlgorithm.LOOKAHEAD)
+        plans["offline_same_plan"] = drain_queue(
+            lengths,
+            algorithm=lookahead.algorithm,
+            batch_size=lookahead.batch_size,
+            seq_len=lookahead.seq_len,
+            max_valid_num=lookahead.max_valid_num,
+            lookahead=lookahead.lookahead,
+        )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("throughput modes", total=args.repeats * len(modes))
         for round_number in range(args.repeats):
@@ -221,6 +236,15 @@ def run_bench(
         name: statistics.median(m.samples_per_s[r] / padded_rate[r] for r in range(args.repeats))
         for name, m in modes.items()
     }
+    # Median of per-round ratios: online lookahead over its own batches run offline.
+    same_plan = None
+    if "offline_same_plan" in modes and "online_lookahead" in modes:
+        pairs = zip(
+            modes["online_lookahead"].samples_per_s,
+            modes["offline_same_plan"].samples_per_s,
+            strict=True,
+        )
+        same_plan = statistics.median(online / offline for online, offline in pairs)
     host: dict[str, float] | None = None
     if devices.backend == "sim":
         host_samples = poprt_dataset(max(dataset_size, 16_000), emb_size=args.emb_size)
@@ -338,6 +362,7 @@ def run_bench(
         },
         "device_limited_ideal_samples_per_s": ideal,
         "host_limit": host,
+        "online_vs_offline_same_plan": same_plan,
         "closed_loop": {"clients": clients, "requests_per_client": per_client, "targets": closed},
         "open_loop_sweep": sweep,
         "capacity_samples_per_s": capacity,
@@ -468,6 +493,11 @@ def _print_report(
             "Online lookahead achieves "
             f"{modes['online_lookahead']['fraction_of_ideal']:.1%} of the device-limited ideal "
             "(its samples per batch / the nominal batch latency)."
+        )
+    if payload["online_vs_offline_same_plan"] is not None:
+        echo(
+            "Online lookahead vs the same batches run offline: "
+            f"{payload['online_vs_offline_same_plan']:.3f}x."
         )
     if payload["host_limit"]:
         echo(

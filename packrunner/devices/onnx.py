@@ -67,8 +67,12 @@ class OnnxDevice(Device):
             their shape (by default ``[B, S, ...]`` is per token, ``[max_valid_num, S, ...]`` per
             sample slot, ``[B, K, ...]`` per segment, ``[max_valid_num, ...]`` per sample).
         output_names: Only fetch these outputs (default: all).
-        allow_spinning: Let idle onnxruntime threads spin between runs (lower latency for one
-            device; turn off when several sessions share the cores).
+        allow_spinning: Let idle intra-op threads spin instead of sleeping (onnxruntime's own
+            default). Off by default: a runner always has other threads that need the cores
+            between and during runs (its engine, its callers, a server's event loop), and the
+            spinning threads take their time. On the default model, an online run with
+            spinning burnt 1.23x the CPU per sample of an offline run of the same batches;
+            without, 1.04x (the host's own work). Turn it on for a device alone on its cores.
         allow_batch_coupling_ops: Accept a model with fused attention or dynamic quantization
             ops (:data:`BATCH_COUPLING_OPS`), which can make one sample's outputs depend on its
             batch mates. Only after checking packed against padded results yourself.
@@ -89,7 +93,7 @@ class OnnxDevice(Device):
         providers: Sequence[str] = ("CPUExecutionProvider",),
         output_layouts: Mapping[str, OutputLayout] | None = None,
         output_names: Sequence[str] | None = None,
-        allow_spinning: bool = True,
+        allow_spinning: bool = False,
         allow_batch_coupling_ops: bool = False,
     ) -> None:
         # Everything needed to build a replica (a fresh session after a hang).
@@ -193,10 +197,10 @@ class OnnxDevice(Device):
         # x86 handles on a slow path: flushing them to zero cut the default model's packed
         # batch from ~37 ms to ~30 ms here, and they are exactly 0 after Softmax either way.
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
-        if not self.allow_spinning:
-            # Idle intra-op threads otherwise spin after each run, stealing cores from the
-            # runner's own threads and from other sessions in the process.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Set either way: onnxruntime's own default is to spin (see allow_spinning).
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.allow_spinning else "0"
+        )
         try:
             self._session = ort.InferenceSession(
                 str(self.model_path), sess_options=options, providers=list(self.providers)

@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from packrunner.serve.engine import Engine
-from packrunner.serve.grpc_service import MAX_MESSAGE_BYTES, add_inference_service
+from packrunner.serve.grpc_service import add_inference_service, server_options
 from packrunner.serve.metrics import CONTENT_TYPE, ServeMetrics
 from packrunner.serve.model import ServedModel, load_model
 from packrunner.serve.openai_routes import openai_routes
@@ -99,12 +99,7 @@ class Server:
         settings = self.settings
         self._stopping = asyncio.Event()
         if settings.grpc_port is not None:
-            self._grpc = grpc.aio.server(
-                options=[
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ]
-            )
+            self._grpc = grpc.aio.server(options=server_options(settings))
             add_inference_service(self._grpc, self.service)
             self.grpc_port = self._grpc.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
             await self._grpc.start()

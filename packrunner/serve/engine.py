@@ -189,7 +189,10 @@ class Engine:
                     # One at a time (not extend): the futures of samples already queued must
                     # be known if a later submit fails, to withdraw them.
                     futures.append(self._runner.execute_async(sample, timeout=timeout))  # noqa: PERF401
-                results = await asyncio.gather(*futures)
+                # One sequence (the usual request) needs no gather future and its callbacks.
+                results = (
+                    [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
+                )
             except PackRunnerError as exc:
                 if isinstance(exc, RequestTimeoutError):
                     self._metrics.timed_out.inc()

@@ -29,10 +29,11 @@ from packrunner.serve.sequences import (
     split_sequences,
 )
 from packrunner.serve.service import Service
+from packrunner.serve.settings import ServeSettings
 from packrunner.serve.v2_codec import DATATYPES, tensor_from_bytes
 from packrunner.serve.v2_routes import PLATFORM, SERVER_NAME, server_metadata
 
-__all__ = ["MAX_MESSAGE_BYTES", "add_inference_service"]
+__all__ = ["MAX_MESSAGE_BYTES", "add_inference_service", "server_options"]
 
 logger = logging.getLogger("packrunner.serve")
 
@@ -54,6 +55,28 @@ _CONTENTS = {
     "FP64": "fp64_contents",
     "BOOL": "bool_contents",
 }
+
+
+def server_options(settings: ServeSettings) -> list[tuple[str, int]]:
+    """Channel arguments of the ``grpc.aio`` server.
+
+    Besides the message limits: gRPC core queues the calls that arrive faster than grpc.aio's
+    serve loop picks them up, and beyond ``grpc.server.max_pending_requests`` (default 1000)
+    drops them at random (random early detection, certain at the hard limit, default 3000).
+    A dropped call never reaches the service and its client sees a bare CANCELLED (1,500 RPCs
+    started at once on one channel lost ~2% that way). Admission is the service's job, with
+    an explicit RESOURCE_EXHAUSTED, so core's limits are set beyond every request the service
+    can hold or refuse: admitted requests plus queued sequences (each request has at least
+    one), and the hard limit twice that.
+    """
+    pending = max(1000, settings.max_concurrent_requests + settings.max_queued_sequences)
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.server.max_pending_requests", pending),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+    ]
+
 
 _Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 _Rpc = Callable[[Any, _Context], Awaitable[Any]]

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -106,19 +105,37 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[Response]) -> Response | None:
-    """``work``'s response, or None (after cancelling it) if the client disconnected first."""
-    task = asyncio.ensure_future(work)
+    """``work``'s response, or None (after cancelling it) if the client disconnected first.
+
+    ``work`` runs in the calling task; one watcher task waits for the disconnect and cancels
+    the caller. (A task for ``work`` too and an ``asyncio.wait`` over both cost the event loop,
+    which is the server's bottleneck, about 5% of its time per request.)
+    """
+    current = asyncio.current_task()
+    assert current is not None
+    gone = finished = False
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        nonlocal gone
+        # A callback scheduled just before ``work`` finished must not cancel what follows.
+        if watcher.cancelled() or finished:
+            return
+        watcher.exception()  # retrieved: a failing receive() counts as a disconnect too
+        gone = True
+        current.cancel()
+
     watcher = asyncio.ensure_future(_disconnected(request.receive))
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        # Only our own cancellation means "the client left"; any other is re-raised.
+        if gone and current.uncancel() == 0:
+            return None
+        raise
     finally:
+        finished = True
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return None
 
 
 def endpoint(

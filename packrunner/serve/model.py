@@ -221,9 +221,9 @@ def load_model(settings: ServeSettings) -> ServedModel:
         )
         source = f"SimulatedDevice ({settings.sim_batch_latency_us} us/batch)"
     else:
-        # No spinning: idle onnxruntime threads would spin between batches on the cores the
-        # HTTP/gRPC loop needs to parse requests and deliver results.
-        device = OnnxDevice(path, intra_op_num_threads=settings.threads, allow_spinning=False)
+        # OnnxDevice does not spin by default: spinning intra-op threads would take the cores
+        # the HTTP/gRPC loop needs to parse requests and deliver results.
+        device = OnnxDevice(path, intra_op_num_threads=settings.threads)
     encoder = None
     if tokenizer is not None:
         encoder = TextEncoder.from_file(tokenizer, settings.input_limit)

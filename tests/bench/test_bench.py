@@ -15,6 +15,8 @@ from packrunner.bench.latency import percentile, summarize
 from packrunner.bench.report import dump_results_csv
 from packrunner.bench.suite import _knee, knee_label
 from packrunner.cli import main as cli_main
+from packrunner.config import PackAlgorithm
+from packrunner.packing import drain_queue
 
 
 def poprt_get_synthetic_data(dataset_size, avg_seq_len=128, max_seq_len=256, emb_size=30522):
@@ -116,6 +118,7 @@ def test_packrunner_bench_end_to_end(tmp_path, capsys, monkeypatch):
         "original",
         "offline_attention_mask",
         "offline_unpack_repack",
+        "offline_same_plan",
         "online_padded",
         "online_unpack_repack",
         "online_next_fit",
@@ -124,6 +127,21 @@ def test_packrunner_bench_end_to_end(tmp_path, capsys, monkeypatch):
         "peer_batched",
     }
     assert payload["modes"]["online_lookahead"]["samples_per_batch"] > 16
+    # The offline run of online lookahead's own batches: the online path's cost alone.
+    same_plan = payload["modes"]["offline_same_plan"]
+    lookahead = drain_queue(
+        [len(s["input_ids"]) for s in poprt_dataset(6 * 16)],
+        algorithm=PackAlgorithm.LOOKAHEAD,
+        batch_size=16,
+        seq_len=256,
+        max_valid_num=40,
+    )
+    assert same_plan["samples_per_batch"] == pytest.approx(6 * 16 / len(lookahead))
+    assert payload["online_vs_offline_same_plan"] == pytest.approx(
+        payload["modes"]["online_lookahead"]["samples_per_s_runs"][0]
+        / same_plan["samples_per_s_runs"][0]
+    )
+    assert "Online lookahead vs the same batches run offline" in out
     assert payload["closed_loop"]["targets"]["online_lookahead"]["requests"] > 0
     assert payload["modes"]["online_padded"]["kind"] == "online"
     assert payload["modes"]["peer_batched"]["kind"] == "peer"

@@ -8,10 +8,12 @@ on the service's request record: events, not sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +25,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from packrunner import SimulatedDevice
+from packrunner.serve import oip_proto
 from packrunner.serve.tokenizer import TextEncoder, build_default_tokenizer
 from tests._support import GatedDevice, PoisonDevice, reference
 
@@ -352,3 +356,40 @@ def test_queue_bound_is_429_and_request_timeout_is_504() -> None:
         stats = server.server.engine.runner.stats()
         assert stats.rejected_overloaded == 1
         assert httpx.post(url, json=_v2([[7]]), timeout=30).status_code == 200
+
+
+async def _grpc_burst(address: str, count: int) -> Counter[str]:
+    """``count`` ModelInfer RPCs started at once on one channel; their final status codes."""
+    request_class = oip_proto.message_class("ModelInferRequest")
+    response_class = oip_proto.message_class("ModelInferResponse")
+    async with grpc.aio.insecure_channel(address) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+
+        async def one(index: int) -> str:
+            ids = np.array([101, index % 1000 + 1, 102], "<i8")
+            request = request_class(model_name="burst")
+            request.inputs.add(name="input_ids", datatype="INT64", shape=[1, len(ids)])
+            request.raw_input_contents.append(ids.tobytes())
+            try:
+                await infer(request, timeout=120)
+            except grpc.aio.AioRpcError as error:
+                return str(error.code().name)
+            return "OK"
+
+        return Counter(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def test_grpc_burst_is_served_or_refused_never_dropped() -> None:
+    """1,500 RPCs at once on one channel outrun grpc.aio's serve loop; gRPC core's backlog of
+    calls not yet picked up must not drop any (a bare CANCELLED on the client, with gRPC's
+    default pending-call limits): each is served or refused by the service's admission."""
+    device = SimulatedDevice(batch_size=4, seq_len=64, max_valid_num=8, batch_latency_us=0)
+    model = served(device, "burst", max_valid_num=8, timeout_us=1000)
+    with ServerThread(settings(max_concurrent_requests=256), model) as server:
+        codes = asyncio.run(_grpc_burst(server.grpc, 1500))
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["OK"] >= 256, codes
