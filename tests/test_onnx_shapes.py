@@ -138,7 +138,9 @@ class MergedSegmentsDevice(Device):
 
     def run(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, Any]:
         merged = dict(feeds)
-        merged["attention_mask"] = (feeds["attention_mask"] > 0).astype(np.int32)
+        merged["attention_mask"] = (np.asarray(feeds["attention_mask"], np.int32) > 0).astype(
+            np.int32
+        )
         return self.inner.run(merged)
 
     def close(self) -> None:
