@@ -180,6 +180,10 @@ class PackRunner:
         self._shaped = not shapes.is_single
         self._cost = CostModel.prior(shapes)
         self._timings: dict[BatchShape, list[float]] | None = None  # while calibrating
+        # Engine-thread seconds spent planning, building feeds and cutting results (shaped
+        # runners): per batch, part of a batch's cost, so the planner does not split work into
+        # many small batches whose host work the device time alone would not show.
+        self._host_busy_s = 0.0
         # Cheap necessary condition for a full batch at some shape (see _may_be_full_locked).
         if shapes.is_dynamic:
             self._full_rows = shapes.rows_for(shapes.max_width)
@@ -566,6 +570,7 @@ class PackRunner:
                 nonfinite=c.nonfinite,
                 device_timeouts=c.device_timeouts,
                 devices_replaced=c.devices_replaced,
+                token_slots=c.token_slots,
             )
 
     def _submit(
@@ -754,7 +759,9 @@ class PackRunner:
                     due = draining or (timed_out and self._inflight < self._pool.live)
                     if due or self._may_be_full_locked():
                         candidates = list(itertools.islice(self._pending.values(), self._window))
+                        planning = time.perf_counter()
                         plan = self._plan_locked([r.sample.length for r in candidates])
+                        self._host_busy_s += time.perf_counter() - planning
                         if plan.full or due:
                             reason = "full" if plan.full else ("drain" if draining else "timeout")
                             batch_requests = [candidates[i] for i in plan.chosen]
@@ -790,11 +797,13 @@ class PackRunner:
     def _plan_locked(self, lengths: list[int]) -> PackPlan:
         config = self._config
         if self._shaped:
+            cost = self._cost
+            host_s = self._host_busy_s / max(1, self._counters.batches)
             return plan_shaped(
                 lengths,
                 algorithm=config.algorithm,
                 shapes=self._feeder.shapes,
-                cost=self._cost.estimate,
+                cost=lambda shape: cost.estimate(shape) + host_s,
                 max_valid_num=config.max_valid_num,
                 lookahead=config.lookahead,
             )
@@ -822,6 +831,7 @@ class PackRunner:
 
     def _dispatch(self, requests: list[_Request], plan: PackPlan, reason: str) -> None:
         batch = Batch(requests, plan, {}, reason, time.monotonic())
+        started = time.perf_counter()
         try:
             batch.feeds = self._feeder.feeds(plan, [r.sample for r in requests])
         except Exception as exc:  # a bug in packing: fail this batch only
@@ -829,6 +839,9 @@ class PackRunner:
             batch.claimed = True
             self._finish(batch, None, exc, 0.0)
             return
+        if self._shaped:
+            with self._lock:
+                self._host_busy_s += time.perf_counter() - started
         self._pool.run(batch)
 
     def _finish(
@@ -842,11 +855,13 @@ class PackRunner:
         requests: list[_Request] = batch.requests
         count = len(requests)
         outcomes: list[_Outcome]
+        cutting = time.perf_counter()
         if error is None:
             try:
                 outcomes = list(self._feeder.results(batch.plan, outputs))
             except Exception as exc:  # outputs that do not match the specs
                 error = exc
+        cutting_s = time.perf_counter() - cutting
         if error is not None:
             if isinstance(error, DeviceTimeoutError):
                 failure: type[DeviceError] = DeviceTimeoutError
@@ -878,6 +893,7 @@ class PackRunner:
             counters.latency_sum_s += float(latencies.sum())
             counters.queue_wait_sum_s += float((batch.packed_at - arrivals).sum())
             counters.nonfinite += nonfinite
+            self._host_busy_s += cutting_s
             if error is None:
                 self._degraded = None
                 if self._timings is not None:  # calibrating: every batch's time counts
