@@ -468,7 +468,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             or args.minilm
         ):
             raise UsageError("--shapes runs the default model only")
-        shape_payload = run_shape_bench(args)
+        shape_payload = run_shape_bench(args, echo=(lambda _: None) if args.json else print)
         if args.json:
             from packrunner.bench.report import to_json
 
