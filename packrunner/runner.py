@@ -379,7 +379,7 @@ class PackRunner:
             for future in futures:
                 future.result()
         finally:
-            self._end_calibration(succeeded=all(f.done() and not f.exception() for f in futures))
+            self._end_calibration(futures)
         with self._lock:
             self._warmed_up = True
 
@@ -389,7 +389,7 @@ class PackRunner:
         try:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         finally:
-            self._end_calibration(succeeded=all(f.done() and not f.exception() for f in futures))
+            self._end_calibration(futures)
         with self._lock:
             self._warmed_up = True
 
@@ -443,7 +443,9 @@ class PackRunner:
             self._loop.call_soon_threadsafe(self._dispatch, batch_requests, plan, "full")
         return futures
 
-    def _end_calibration(self, *, succeeded: bool) -> None:
+    def _end_calibration(self, futures: list[concurrent.futures.Future[Result]]) -> None:
+        """Stop recording device times; fit them if every warm-up batch succeeded."""
+        succeeded = all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
         with self._lock:
             timings, self._timings = self._timings, None
             if succeeded and timings:
