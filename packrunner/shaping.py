@@ -82,9 +82,9 @@ def plan_shaped(
 
     Returns:
         The plan, with :attr:`~packrunner.packing.PackPlan.shape` set; ``chosen`` indexes
-        ``lengths``. ``full`` is True when the batch at some candidate shape could take no more
-        samples (waiting would not give a fuller batch). At least one sample is chosen whenever
-        ``lengths`` is not empty.
+        ``lengths``. ``full`` is True when the batch at some planned candidate shape (the widest
+        always is) could take no more samples: waiting would not give a fuller batch. At least
+        one sample is chosen whenever ``lengths`` is not empty.
 
     Raises:
         ValueError: ``algorithm`` is ``STREAM``, or the oldest sample is wider than every shape.
