@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PoprtSample", "poprt_dataset", "poprt_lengths"]
+__all__ = ["PoprtSample", "poprt_dataset", "poprt_lengths", "short_text_dataset"]
 
 PoprtSample = dict[str, npt.NDArray[np.int32]]
 
@@ -48,3 +48,19 @@ def _draw_lengths(
 ) -> npt.NDArray[np.int32]:
     drawn = legacy.normal(avg_seq_len, avg_seq_len, size=n).astype(np.int32)
     return np.clip(drawn, 1, max_seq_len)
+
+
+def short_text_dataset(
+    n: int, *, mean_len: int = 20, max_seq_len: int = 256, emb_size: int = 30522, seed: int = 2023
+) -> list[PoprtSample]:
+    """Short texts (queries, titles, chat turns): lengths geometric with mean ``mean_len``,
+    capped at ``max_seq_len``; ids and token types drawn as in :func:`poprt_dataset`."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.geometric(1.0 / mean_len, size=n), max_seq_len)
+    return [
+        {
+            "input_ids": rng.integers(0, emb_size, int(length), dtype=np.int32),
+            "token_type_ids": rng.integers(0, 2, int(length), dtype=np.int32),
+        }
+        for length in lengths
+    ]
