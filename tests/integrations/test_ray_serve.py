@@ -1,0 +1,315 @@
+"""packrunner on Ray Serve: a real local Ray cluster on loopback, the service's HTTP routes.
+
+One Ray instance for the module (starting Ray and deploying take most of the time), two
+applications on it, each with two runner replicas:
+
+* ``packrunner`` at ``/``: the default ONNX model, compared bit for bit with an in-process
+  runner through tritonclient.http and the openai client;
+* ``packrunner-sim`` at ``/sim``: SimulatedDevice with a long batch, so that requests are
+  surely on a replica when it is killed, or when the application is deleted.
+
+Ray reports replica restarts and request counts only through its status and metrics, so the
+two waits on Ray's state below (:func:`_eventually`) look at it against a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import openai
+import pytest
+import ray
+import tritonclient.http as triton_http
+from ray import serve
+
+from packrunner import PackRunner, RunnerConfig
+from packrunner.devices.onnx import OnnxDevice
+from packrunner.integrations.ray import build_application, replica_limits
+from packrunner.serve import ServeSettings, load_model
+from packrunner.serve.tokenizer import build_default_tokenizer
+
+MODEL = "packrunner-bert"
+OUTPUTS = ("start_logits", "end_logits", "last_hidden_state")
+ONNX_APP, SIM_APP = "packrunner", "packrunner-sim"
+#: Every request in these tests resolves within this (client-side timeout: nothing hangs).
+REQUEST_BOUND_S = 60.0
+SIM_BATCH_S = 2.0
+
+ONNX_SETTINGS = ServeSettings(
+    batch_size=4,
+    seq_len=64,
+    max_valid_num=8,
+    batch_timeout_us=50_000,
+    threads=1,
+    max_client_batch_size=4,
+    graceful_shutdown_timeout=30.0,
+)
+SIM_SETTINGS = dataclasses.replace(
+    ONNX_SETTINGS, device="sim", sim_batch_latency_us=int(SIM_BATCH_S * 1e6)
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _eventually(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Wait for Ray's state to satisfy ``check`` (it offers no notification for these)."""
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        pause.wait(0.2)
+
+
+@pytest.fixture(scope="module")
+def ray_serve() -> Iterator[str]:
+    """A local Ray instance bound to 127.0.0.1, no dashboard; Serve's proxy on a free port."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        no_cpus = {"replica_num_cpus": 0.0, "ingress_num_cpus": 0.0}
+        serve.run(
+            build_application(ONNX_SETTINGS, replicas=2, **no_cpus), name=ONNX_APP, route_prefix="/"
+        )
+        serve.run(
+            build_application(SIM_SETTINGS, replicas=2, **no_cpus),
+            name=SIM_APP,
+            route_prefix="/sim",
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def onnx_reference() -> Iterator[PackRunner]:
+    """The same model file and config in process: what the replicas' outputs must equal."""
+    model = load_model(ONNX_SETTINGS)
+    assert isinstance(model.device, OnnxDevice)
+    with PackRunner(
+        OnnxDevice(model.device.model_path, intra_op_num_threads=1), model.config
+    ) as runner:
+        yield runner
+
+
+def _sequences(seed: int, lengths: tuple[int, ...]) -> list[npt.NDArray[np.int64]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1000, 30000, length).astype(np.int64) for length in lengths]
+
+
+def _expected(runner: PackRunner, sequences: list[npt.NDArray[np.int64]]) -> dict[str, Any]:
+    async def run() -> list[Any]:
+        return list(
+            await asyncio.gather(*(runner.execute_async({"input_ids": s}) for s in sequences))
+        )
+
+    results = asyncio.run(run())
+    width = max(len(s) for s in sequences)
+    out = {}
+    for name in OUTPUTS:
+        tensor = np.zeros((len(sequences), width, *results[0][name].shape[1:]), np.float32)
+        for row, result in enumerate(results):
+            tensor[row, : len(result[name])] = result[name]
+        out[name] = tensor
+    return out
+
+
+def _triton_infer(base_url: str, sequences: list[npt.NDArray[np.int64]]) -> Any:
+    width = max(len(s) for s in sequences)
+    ids = np.zeros((len(sequences), width), np.int64)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+    inputs = []
+    for name, array in (("input_ids", ids), ("attention_mask", (ids > 0).astype(np.int64))):
+        tensor = triton_http.InferInput(name, list(array.shape), "INT64")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client = triton_http.InferenceServerClient(base_url.removeprefix("http://"))
+    outputs = [triton_http.InferRequestedOutput(n) for n in OUTPUTS]
+    return client.infer(MODEL, inputs, outputs=outputs)
+
+
+def test_replica_limits_follow_the_batch_size() -> None:
+    config = RunnerConfig(batch_size=16, seq_len=256, max_valid_num=40)
+    limits = replica_limits(config)
+    assert limits.max_ongoing_requests == 160
+    assert limits.max_queued_requests == 160
+    assert limits.target_ongoing_requests == 80
+
+
+@pytest.mark.parametrize("lengths", [(37,), (12, 64, 5)], ids=["one", "many"])
+def test_tritonclient_http_equals_in_process(
+    ray_serve: str, onnx_reference: PackRunner, lengths: tuple[int, ...]
+) -> None:
+    # Several requests, so that both replicas answer some.
+    for seed in range(4):
+        sequences = _sequences(seed * 10 + len(lengths), lengths)
+        expected = _expected(onnx_reference, sequences)
+        result = _triton_infer(ray_serve, sequences)
+        for name in OUTPUTS:
+            got = result.as_numpy(name)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, expected[name], err_msg=name)
+
+
+def test_negative_control_detects_a_wrong_answer(
+    ray_serve: str, onnx_reference: PackRunner
+) -> None:
+    first, second = _sequences(99, (30, 30))
+    result = _triton_infer(ray_serve, [first])
+    expected = _expected(onnx_reference, [second])
+    assert not np.array_equal(result.as_numpy("start_logits"), expected["start_logits"])
+
+
+def test_openai_embeddings_equal_in_process(ray_serve: str, onnx_reference: PackRunner) -> None:
+    texts = ["The cat sat on the mat.", "Packing puts several sequences in one row!", "x"]
+    client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
+    response = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    ids = [np.array(e.ids, np.int64) for e in build_default_tokenizer().encode_batch(texts)]
+
+    async def run() -> list[Any]:
+        return list(
+            await asyncio.gather(*(onnx_reference.execute_async({"input_ids": i}) for i in ids))
+        )
+
+    expected = [r["last_hidden_state"].mean(axis=0, dtype=np.float32) for r in asyncio.run(run())]
+    assert [d.index for d in response.data] == [0, 1, 2]
+    for datum, vector in zip(response.data, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(datum.embedding, np.float32), vector)
+
+
+def test_health_metrics_and_replica_metrics(ray_serve: str) -> None:
+    with httpx.Client(base_url=ray_serve, timeout=REQUEST_BOUND_S) as http:
+        assert http.get("/v2/health/ready").status_code == 200
+        assert http.get("/health").status_code == 200
+        assert http.post("/embed", json={"inputs": "hello"}).status_code == 200
+        text = http.get("/metrics").text
+    assert 'packrunner_server_requests_total{protocol="tei",route="/embed",status="200"}' in text
+    # Each runner replica keeps its own registry (runner statistics, batches).
+    handle = serve.get_deployment_handle("PackRunnerReplica", app_name=ONNX_APP)
+    replica_text = handle.metrics.remote().result(timeout_s=REQUEST_BOUND_S).decode()
+    batches = re.search(r"^packrunner_server_batch_samples_count\S* (\S+)$", replica_text, re.M)
+    assert batches is not None and float(batches.group(1)) >= 1  # at least the warm-up batch
+    assert "packrunner_queue_depth" in replica_text
+
+
+def _sim_expected(sequence: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    model = load_model(dataclasses.replace(SIM_SETTINGS, sim_batch_latency_us=0))
+    with PackRunner(model.device, model.config) as runner:
+        return np.asarray(runner.execute({"input_ids": sequence})["start_logits"], np.float32)
+
+
+def _sim_request(base_url: str, sequence: npt.NDArray[np.int64]) -> httpx.Response:
+    body = {
+        "inputs": [
+            {
+                "name": "input_ids",
+                "shape": [1, len(sequence)],
+                "datatype": "INT64",
+                "data": sequence.tolist(),
+            }
+        ],
+        "outputs": [{"name": "start_logits"}],
+    }
+    with httpx.Client(timeout=REQUEST_BOUND_S) as http:
+        return http.post(f"{base_url}/sim/v2/models/{MODEL}/infer", json=body)
+
+
+def _ingress_in_flight(base_url: str) -> float:
+    text = httpx.get(f"{base_url}/sim/metrics", timeout=REQUEST_BOUND_S).text
+    found = re.search(r"^packrunner_server_in_flight_requests (\S+)$", text, re.M)
+    assert found is not None
+    return float(found.group(1))
+
+
+def _runner_replica_actors() -> set[str]:
+    return {
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::{SIM_APP}#PackRunnerReplica#")
+    }
+
+
+def _running_sim_replicas() -> int:
+    status = serve.status().applications[SIM_APP].deployments["PackRunnerReplica"]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def _answered(response: httpx.Response, expected: npt.NDArray[np.float32]) -> bool:
+    """True for a correct answer; False for the clear 503 of a replica that died."""
+    if response.status_code == 503:
+        assert "runner replica serving this request died" in response.json()["error"]
+        assert response.headers["retry-after"] == "1"
+        return False
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    np.testing.assert_array_equal(np.asarray(output["data"], np.float32), expected.ravel())
+    return True
+
+
+def test_killing_a_replica_mid_load(ray_serve: str) -> None:
+    """In-flight requests on the killed replica get a clear 503; the other replica serves on;
+    Ray starts a replacement; every request resolves within the bound."""
+    sequence = _sequences(5, (10,))[0]
+    expected = _sim_expected(sequence)
+    count = 16
+    before = _runner_replica_actors()
+    assert len(before) == 2
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(_sim_request, ray_serve, sequence) for _ in range(count)]
+        # Each batch takes SIM_BATCH_S: once all are in the ingress, both replicas hold some.
+        _eventually(lambda: _ingress_in_flight(ray_serve) >= count, 30, "requests in flight")
+        victim = sorted(before)[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"))
+        done, pending = concurrent.futures.wait(futures, timeout=REQUEST_BOUND_S * 2)
+    assert not pending, "a request hung"
+    answered = [_answered(f.result(), expected) for f in futures]
+    assert any(answered), "the surviving replica must keep serving"
+    assert not all(answered), "the killed replica had requests in flight"
+    _eventually(
+        lambda: _running_sim_replicas() == 2 and len(_runner_replica_actors() - before) == 1,
+        120,
+        "Ray to replace the killed replica",
+    )
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        after = list(pool.map(lambda _: _sim_request(ray_serve, sequence), range(4)))
+    assert all(_answered(r, expected) for r in after)
+
+
+def test_graceful_shutdown_drains_in_flight_requests(ray_serve: str) -> None:
+    """Deleting the application lets every admitted request finish with its answer."""
+    sequence = _sequences(6, (12,))[0]
+    expected = _sim_expected(sequence)
+    count = 8
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(_sim_request, ray_serve, sequence) for _ in range(count)]
+        _eventually(lambda: _ingress_in_flight(ray_serve) >= count, 30, "requests in flight")
+        serve.delete(SIM_APP)
+        done, pending = concurrent.futures.wait(futures, timeout=REQUEST_BOUND_S * 2)
+    assert not pending, "a request hung"
+    assert all(_answered(f.result(), expected) for f in futures)
