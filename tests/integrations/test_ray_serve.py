@@ -32,6 +32,7 @@ import openai
 import pytest
 import ray
 import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from packrunner import PackRunner, RunnerConfig
@@ -209,7 +210,14 @@ def test_health_metrics_and_replica_metrics(ray_serve: str) -> None:
         assert http.get("/health").status_code == 200
         assert http.post("/embed", json={"inputs": "hello"}).status_code == 200
         text = http.get("/metrics").text
-    assert 'packrunner_server_requests_total{protocol="tei",route="/embed",status="200"}' in text
+    embeds = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "packrunner_server_requests_total"
+        and sample.labels == {"route": "tei_embed", "protocol": "tei", "status": "200"}
+    ]
+    assert embeds == [1.0]
     # Each runner replica keeps its own registry (runner statistics, batches).
     handle = serve.get_deployment_handle("PackRunnerReplica", app_name=ONNX_APP)
     replica_text = handle.metrics.remote().result(timeout_s=REQUEST_BOUND_S).decode()
