@@ -23,6 +23,7 @@ PUBLIC_MODULES = {
     "errors",
     "graphs",
     "health",
+    "integrations",
     "models",
     "packing",
     "prometheus",
@@ -32,7 +33,10 @@ PUBLIC_MODULES = {
 }
 PACKAGES = [
     "packrunner",
-    *(f"packrunner.{name}" for name in ("devices", "models", "convert", "graphs", "serve")),
+    *(
+        f"packrunner.{name}"
+        for name in ("devices", "models", "convert", "graphs", "serve", "integrations")
+    ),
 ]
 
 

@@ -5,3 +5,5 @@
 
 Importing this package needs nothing beyond packrunner; each integration module needs its extra.
 """
+
+__all__: list[str] = []

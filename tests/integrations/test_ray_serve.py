@@ -78,30 +78,42 @@ def _eventually(check: Callable[[], bool], timeout_s: float, what: str) -> None:
         pause.wait(0.2)
 
 
+def _two_replicas(settings: ServeSettings) -> Any:
+    # No CPU reservations: every replica fits on the 2-core machines CI runs on.
+    return build_application(settings, replicas=2, replica_num_cpus=0, ingress_num_cpus=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RayServe:
+    url: str  # Ray Serve's HTTP proxy
+    metrics_url: str  # Ray's metrics export (every process's Ray metrics on this node)
+
+
 @pytest.fixture(scope="module")
-def ray_serve() -> Iterator[str]:
+def ray_serve() -> Iterator[RayServe]:
     """A local Ray instance bound to 127.0.0.1, no dashboard; Serve's proxy on a free port."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    metrics_port = _free_port()
     ray.init(
         num_cpus=4,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
         configure_logging=False,
+        _metrics_export_port=metrics_port,
+        # Replicas push their metrics this often (default 10 s).
+        _system_config={"metrics_report_interval_ms": 500},
     )
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        no_cpus = {"replica_num_cpus": 0.0, "ingress_num_cpus": 0.0}
+        serve.run(_two_replicas(ONNX_SETTINGS), name=ONNX_APP, route_prefix="/")
         serve.run(
-            build_application(ONNX_SETTINGS, replicas=2, **no_cpus), name=ONNX_APP, route_prefix="/"
-        )
-        serve.run(
-            build_application(SIM_SETTINGS, replicas=2, **no_cpus),
+            _two_replicas(SIM_SETTINGS),
             name=SIM_APP,
             route_prefix="/sim",
         )
-        yield f"http://127.0.0.1:{port}"
+        yield RayServe(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -165,13 +177,13 @@ def test_replica_limits_follow_the_batch_size() -> None:
 
 @pytest.mark.parametrize("lengths", [(37,), (12, 64, 5)], ids=["one", "many"])
 def test_tritonclient_http_equals_in_process(
-    ray_serve: str, onnx_reference: PackRunner, lengths: tuple[int, ...]
+    ray_serve: RayServe, onnx_reference: PackRunner, lengths: tuple[int, ...]
 ) -> None:
     # Several requests, so that both replicas answer some.
     for seed in range(4):
         sequences = _sequences(seed * 10 + len(lengths), lengths)
         expected = _expected(onnx_reference, sequences)
-        result = _triton_infer(ray_serve, sequences)
+        result = _triton_infer(ray_serve.url, sequences)
         for name in OUTPUTS:
             got = result.as_numpy(name)
             assert got.dtype == np.float32
@@ -179,17 +191,19 @@ def test_tritonclient_http_equals_in_process(
 
 
 def test_negative_control_detects_a_wrong_answer(
-    ray_serve: str, onnx_reference: PackRunner
+    ray_serve: RayServe, onnx_reference: PackRunner
 ) -> None:
     first, second = _sequences(99, (30, 30))
-    result = _triton_infer(ray_serve, [first])
+    result = _triton_infer(ray_serve.url, [first])
     expected = _expected(onnx_reference, [second])
     assert not np.array_equal(result.as_numpy("start_logits"), expected["start_logits"])
 
 
-def test_openai_embeddings_equal_in_process(ray_serve: str, onnx_reference: PackRunner) -> None:
+def test_openai_embeddings_equal_in_process(
+    ray_serve: RayServe, onnx_reference: PackRunner
+) -> None:
     texts = ["The cat sat on the mat.", "Packing puts several sequences in one row!", "x"]
-    client = openai.OpenAI(base_url=f"{ray_serve}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{ray_serve.url}/v1", api_key="unused", max_retries=0)
     response = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
     ids = [np.array(e.ids, np.int64) for e in build_default_tokenizer().encode_batch(texts)]
 
@@ -204,8 +218,8 @@ def test_openai_embeddings_equal_in_process(ray_serve: str, onnx_reference: Pack
         np.testing.assert_array_equal(np.asarray(datum.embedding, np.float32), vector)
 
 
-def test_health_metrics_and_replica_metrics(ray_serve: str) -> None:
-    with httpx.Client(base_url=ray_serve, timeout=REQUEST_BOUND_S) as http:
+def test_health_metrics_and_replica_metrics(ray_serve: RayServe) -> None:
+    with httpx.Client(base_url=ray_serve.url, timeout=REQUEST_BOUND_S) as http:
         assert http.get("/v2/health/ready").status_code == 200
         assert http.get("/health").status_code == 200
         assert http.post("/embed", json={"inputs": "hello"}).status_code == 200
@@ -224,6 +238,31 @@ def test_health_metrics_and_replica_metrics(ray_serve: str) -> None:
     batches = re.search(r"^packrunner_server_batch_samples_count\S* (\S+)$", replica_text, re.M)
     assert batches is not None and float(batches.group(1)) >= 1  # at least the warm-up batch
     assert "packrunner_queue_depth" in replica_text
+
+
+def _replicas_reporting_batches(metrics_url: str) -> set[str]:
+    """Replicas of the ONNX application whose batches Ray's metrics export shows."""
+    text = httpx.get(metrics_url, timeout=REQUEST_BOUND_S).text
+    return {
+        sample.labels["replica"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "ray_packrunner_replica_batch_samples_count"
+        and sample.labels.get("application") == ONNX_APP
+        and sample.labels.get("deployment") == "PackRunnerReplica"
+        and sample.labels.get("model") == MODEL
+        and sample.value >= 1
+    }
+
+
+def test_ray_metrics_show_every_replica(ray_serve: RayServe) -> None:
+    """Each runner replica's batches reach Ray's metrics system, tagged with its replica id."""
+    # Every replica ran its warm-up batch; Ray exports on a timer.
+    _eventually(
+        lambda: len(_replicas_reporting_batches(ray_serve.metrics_url)) == 2,
+        30,
+        "both replicas' batch metrics in Ray's export",
+    )
 
 
 def _sim_expected(sequence: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
@@ -265,7 +304,7 @@ def _runner_replica_actors() -> set[str]:
 
 def _running_sim_replicas() -> int:
     status = serve.status().applications[SIM_APP].deployments["PackRunnerReplica"]
-    return int(status.replica_states.get("RUNNING", 0))
+    return sum(n for state, n in status.replica_states.items() if state == "RUNNING")
 
 
 def _answered(response: httpx.Response, expected: npt.NDArray[np.float32]) -> bool:
@@ -280,7 +319,7 @@ def _answered(response: httpx.Response, expected: npt.NDArray[np.float32]) -> bo
     return True
 
 
-def test_killing_a_replica_mid_load(ray_serve: str) -> None:
+def test_killing_a_replica_mid_load(ray_serve: RayServe) -> None:
     """In-flight requests on the killed replica get a clear 503; the other replica serves on;
     Ray starts a replacement; every request resolves within the bound."""
     sequence = _sequences(5, (10,))[0]
@@ -289,9 +328,9 @@ def test_killing_a_replica_mid_load(ray_serve: str) -> None:
     before = _runner_replica_actors()
     assert len(before) == 2
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        futures = [pool.submit(_sim_request, ray_serve, sequence) for _ in range(count)]
+        futures = [pool.submit(_sim_request, ray_serve.url, sequence) for _ in range(count)]
         # Each batch takes SIM_BATCH_S: once all are in the ingress, both replicas hold some.
-        _eventually(lambda: _ingress_in_flight(ray_serve) >= count, 30, "requests in flight")
+        _eventually(lambda: _ingress_in_flight(ray_serve.url) >= count, 30, "requests in flight")
         victim = sorted(before)[0]
         ray.kill(ray.get_actor(victim, namespace="serve"))
         done, pending = concurrent.futures.wait(futures, timeout=REQUEST_BOUND_S * 2)
@@ -305,18 +344,18 @@ def test_killing_a_replica_mid_load(ray_serve: str) -> None:
         "Ray to replace the killed replica",
     )
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        after = list(pool.map(lambda _: _sim_request(ray_serve, sequence), range(4)))
+        after = list(pool.map(lambda _: _sim_request(ray_serve.url, sequence), range(4)))
     assert all(_answered(r, expected) for r in after)
 
 
-def test_graceful_shutdown_drains_in_flight_requests(ray_serve: str) -> None:
+def test_graceful_shutdown_drains_in_flight_requests(ray_serve: RayServe) -> None:
     """Deleting the application lets every admitted request finish with its answer."""
     sequence = _sequences(6, (12,))[0]
     expected = _sim_expected(sequence)
     count = 8
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
-        futures = [pool.submit(_sim_request, ray_serve, sequence) for _ in range(count)]
-        _eventually(lambda: _ingress_in_flight(ray_serve) >= count, 30, "requests in flight")
+        futures = [pool.submit(_sim_request, ray_serve.url, sequence) for _ in range(count)]
+        _eventually(lambda: _ingress_in_flight(ray_serve.url) >= count, 30, "requests in flight")
         serve.delete(SIM_APP)
         done, pending = concurrent.futures.wait(futures, timeout=REQUEST_BOUND_S * 2)
     assert not pending, "a request hung"
