@@ -9,7 +9,7 @@ sequence per request) drives the HTTP ingress through Ray's proxy:
 1. throughput with every request offered at once (saturation), and its ratio to 1 replica;
 2. packing per replica: samples per batch, read from each replica's Ray metrics
    (``ray_packrunner_replica_batch_samples``), against a single in-process runner offered the
-   same load per replica (the served throughput / replicas, Poisson);
+   same load per replica (its share of the requests, all at once);
 3. the front end's own ceiling: 1 replica on a zero-latency SimulatedDevice, i.e. what the
    proxy, the ingress and the load generator can carry on this host.
 
@@ -112,7 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS},
     )
     address = f"127.0.0.1:{http_port}"
-    rows: list[tuple[int, LatencySummary, float, float]] = []
+    rows: list[tuple[int, LatencySummary, float]] = []
+    # The same offered load per replica as each served run: its share of the requests, all at
+    # once, on one in-process runner.
+    local_spb = _in_process_samples_per_batch(settings, dataset[: args.requests_per_replica], FLOOD)
+    print(f"in-process runner: {local_spb:.2f} samples/batch", flush=True)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
 
@@ -141,15 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if batches > old_batches:
                     per_replica.append((total - old_total) / (batches - old_batches))
             served_spb = sum(per_replica) / len(per_replica)
-            offered = summary.throughput / replicas
-            local_spb = _in_process_samples_per_batch(
-                settings, load[: args.requests_per_replica], offered
-            )
-            rows.append((replicas, summary, served_spb, local_spb))
+            rows.append((replicas, summary, served_spb))
             print(
                 f"{replicas} replicas: {summary.throughput:.1f} req/s, {served_spb:.2f} "
-                f"samples/batch per replica (in-process at {offered:.0f} req/s: "
-                f"{local_spb:.2f}), {summary.errors} errors",
+                f"samples/batch per replica, {summary.errors} errors",
                 flush=True,
             )
         deploy(replace(settings, sim_batch_latency_us=0), 1)
@@ -167,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| replicas | req/s | vs 1 | p50 ms | p99 ms | samples/batch per replica | "
           "in-process, same load | diff | errors |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    for replicas, summary, served_spb, local_spb in rows:
+    for replicas, summary, served_spb in rows:
         print(
             f"| {replicas} | {summary.throughput:.1f} | {summary.throughput / base:.2f}x | "
             f"{summary.p50_ms:.1f} | {summary.p99_ms:.1f} | {served_spb:.2f} | "

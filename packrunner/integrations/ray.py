@@ -237,10 +237,12 @@ class HandleEngine(BaseEngine):
         timeout = None if deadline is None else max(0.0, deadline - loop.time())
         response = self._handle.run.remote(list(samples), timeout)
         assert isinstance(response, DeploymentResponse)
+        answered = False
         try:
             async with asyncio.timeout_at(deadline):
                 results: list[Result] = await response
-                return results
+            answered = True
+            return results
         except TimeoutError:
             self._metrics.timed_out.inc()
             raise ServeError(ErrorKind.DEADLINE, "deadline expired before the answer") from None
@@ -261,9 +263,10 @@ class HandleEngine(BaseEngine):
                 retry_after_s=1,
             ) from None
         finally:
-            # Cancelled (client gone) or timed out: cancel the replica's work too, which
-            # withdraws the samples it has not packed yet.
-            response.cancel()
+            if not answered:
+                # Cancelled (client gone) or timed out: cancel the replica's work too, which
+                # withdraws the samples it has not packed yet.
+                response.cancel()
 
     async def close(self) -> None:
         """Nothing to close: Ray owns the replicas."""

@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import os
+import pickle
 import re
 import socket
 import threading
@@ -37,8 +38,10 @@ from ray import serve
 
 from packrunner import PackRunner, RunnerConfig
 from packrunner.devices.onnx import OnnxDevice
-from packrunner.integrations.ray import build_application, replica_limits
+from packrunner.errors import ConfigError
+from packrunner.integrations.ray import app_builder, build_application, replica_limits
 from packrunner.serve import ServeSettings, load_model
+from packrunner.serve.errors import ErrorKind, ServeError
 from packrunner.serve.tokenizer import build_default_tokenizer
 
 MODEL = "packrunner-bert"
@@ -173,6 +176,36 @@ def test_replica_limits_follow_the_batch_size() -> None:
     assert limits.max_ongoing_requests == 160
     assert limits.max_queued_requests == 160
     assert limits.target_ongoing_requests == 80
+
+
+def test_serve_errors_cross_process_boundaries_intact() -> None:
+    error = ServeError(ErrorKind.OVERLOADED, "queue full", retry_after_s=3)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.kind, copy.message, copy.retry_after_s) == (ErrorKind.OVERLOADED, "queue full", 3)
+
+
+def test_app_builder_reads_serve_run_arguments() -> None:
+    application = app_builder({"device": "sim", "replicas": "2", "batch_size": "8"})
+    assert isinstance(application, serve.Application)
+    with pytest.raises(ConfigError, match="unknown argument"):
+        app_builder({"no_such_setting": "1"})
+    with pytest.raises(ConfigError, match="batch_size"):
+        app_builder({"batch_size": "many"})
+    with pytest.raises(ConfigError, match="max_replicas"):
+        app_builder({"replicas": "3", "max_replicas": "2"})
+
+
+def test_replica_errors_reach_the_client_with_their_status(ray_serve: RayServe) -> None:
+    """A replica's own refusal (an id beyond the vocabulary, checked by its runner) comes back
+    as the same 400 and message as from ``packrunner serve``."""
+    body = {
+        "inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64",
+                    "data": [101, 10**7, 102]}]
+    }  # fmt: skip
+    with httpx.Client(timeout=REQUEST_BOUND_S) as http:
+        response = http.post(f"{ray_serve.url}/v2/models/{MODEL}/infer", json=body)
+    assert response.status_code == 400, response.text
+    assert "input_ids" in response.json()["error"]
 
 
 @pytest.mark.parametrize("lengths", [(37,), (12, 64, 5)], ids=["one", "many"])
