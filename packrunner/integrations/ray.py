@@ -54,6 +54,7 @@ __all__ = [
     "HandleEngine",
     "Ingress",
     "RayBatchMetrics",
+    "ReplicaLimits",
     "RunnerReplica",
     "app_builder",
     "build_application",
@@ -248,10 +249,8 @@ class HandleEngine(BaseEngine):
             raise ServeError(ErrorKind.DEADLINE, "deadline expired before the answer") from None
         except RayTaskError as exc:
             cause = exc.cause
-            if isinstance(cause, ServeError):
-                raise ServeError(
-                    cause.kind, cause.message, retry_after_s=cause.retry_after_s
-                ) from None
+            if isinstance(cause, ServeError):  # the replica's own answer (unpickled: a copy)
+                raise cause from None
             raise ServeError(ErrorKind.BACKEND, f"runner replica failed: {cause!r}") from exc
         except BackPressureError as exc:
             raise ServeError(ErrorKind.OVERLOADED, f"overloaded: {exc}", retry_after_s=1) from None
