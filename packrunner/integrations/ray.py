@@ -22,7 +22,6 @@ Start it with ``packrunner serve --ray`` or ``serve run packrunner.integrations.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import signal
@@ -450,11 +449,11 @@ def serve_on_ray(
     signal the application is deleted gracefully: Ray stops routing to the replicas, waits for
     their requests (up to ``graceful_shutdown_timeout``), then closes each runner. 0 after that.
     """
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     started_here = address is None
-    ray.init(address=address, include_dashboard=False if started_here else None)
+    if started_here:  # Ray's own services on loopback; the proxy binds settings.host
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+    else:
+        ray.init(address=address)
     try:
         serve.start(http_options={"host": settings.host, "port": settings.http_port})
         application = build_application(
@@ -466,6 +465,10 @@ def serve_on_ray(
         serve.run(application, name=APP_NAME, route_prefix="/")
         if settings.grpc_port is not None:
             logger.info("packrunner serve --ray: gRPC is not served on Ray (HTTP only)")
+        # Installed after ray.init, which sets a SIGTERM handler of its own in the driver.
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
         print(
             f"packrunner serve --ray: ready http={settings.host}:{settings.http_port} "
             f"replicas={replicas}" + (f"..{max_replicas}" if max_replicas else ""),
@@ -476,7 +479,6 @@ def serve_on_ray(
         serve.delete(APP_NAME)
     finally:
         if started_here:
-            with contextlib.suppress(Exception):
-                serve.shutdown()
+            serve.shutdown()
             ray.shutdown()
     return 0
