@@ -6,6 +6,8 @@ warm-up ran one full batch, the runner is healthy, and the service is not draini
 packed too late) and the drain on shutdown. Several sequences of one request are submitted as
 separate samples and gathered; the first failure cancels the rest.
 
+:class:`BaseEngine` is what the routes use (admission, readiness, drain, ``run``); :class:`Engine`
+runs on a local PackRunner, ``packrunner.integrations.ray.HandleEngine`` on Ray Serve replicas.
 The runner's device is wrapped in :class:`InstrumentedDevice` to observe each batch (device time,
 samples, token fill) for the metrics without touching the runner.
 """
@@ -30,7 +32,14 @@ from packrunner.serve.errors import ErrorKind, ServeError, from_engine_error
 from packrunner.serve.metrics import ServeMetrics
 from packrunner.serve.model import ServedModel
 
-__all__ = ["BaseEngine", "BatchMetrics", "Engine", "EngineState", "InstrumentedDevice"]
+__all__ = [
+    "BaseEngine",
+    "BatchMetrics",
+    "BatchObserver",
+    "Engine",
+    "EngineState",
+    "InstrumentedDevice",
+]
 
 
 class EngineState(enum.Enum):
