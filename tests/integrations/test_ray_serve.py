@@ -8,8 +8,9 @@ applications on it, each with two runner replicas:
 * ``packrunner-sim`` at ``/sim``: SimulatedDevice with a long batch, so that requests are
   surely on a replica when it is killed, or when the application is deleted.
 
-Ray reports replica restarts and request counts only through its status and metrics, so the
-two waits on Ray's state below (:func:`_eventually`) look at it against a deadline.
+Ray reports replica restarts, requests in flight and exported metrics only through its status
+and metrics endpoints, with no notification, so the waits on them (:func:`_eventually`) look at
+that state against a deadline.
 """
 
 from __future__ import annotations
