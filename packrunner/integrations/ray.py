@@ -28,7 +28,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray import serve
@@ -235,8 +235,8 @@ class HandleEngine(BaseEngine):
     ) -> list[Result]:
         loop = asyncio.get_running_loop()
         timeout = None if deadline is None else max(0.0, deadline - loop.time())
-        response = self._handle.run.remote(list(samples), timeout)
-        assert isinstance(response, DeploymentResponse)
+        # A unary method: a DeploymentResponse (not a generator).
+        response = cast(DeploymentResponse[Any], self._handle.run.remote(list(samples), timeout))
         answered = False
         try:
             async with asyncio.timeout_at(deadline):
