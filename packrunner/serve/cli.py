@@ -17,7 +17,14 @@ from typing import Any
 from packrunner.errors import PackRunnerError
 from packrunner.serve.settings import ServeSettings
 
-__all__ = ["ENV_PREFIX", "add_arguments", "main", "run", "settings_from_args"]
+__all__ = [
+    "ENV_PREFIX",
+    "add_arguments",
+    "main",
+    "run",
+    "settings_from_args",
+    "settings_from_environment",
+]
 
 ENV_PREFIX = "PACKRUNNER_"
 _DEFAULTS = ServeSettings()
@@ -102,11 +109,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             *flags, dest=dest, type=kind, default=default, help=f"{help_text} [env {env}]"
         )
+    ray = parser.add_argument_group(
+        "Ray Serve (--ray; the ray extra; see docs/scale-out.md)",
+        "HTTP routes only: Ray's proxy listens on --host/--http-port; gRPC is not served",
+    )
+    ray.add_argument(
+        "--ray", action="store_true", help="serve on Ray Serve, one PackRunner per replica"
+    )
+    ray.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join ('auto': the one `ray start` set up here; default: start one)",
+    )
+    ray.add_argument(
+        "--replicas", type=int, default=1, help="runner replicas (autoscaling minimum)"
+    )
+    ray.add_argument(
+        "--max-replicas", type=int, default=None, help="autoscale runner replicas up to this"
+    )
+    ray.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per runner replica"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     """The settings the parsed flags describe."""
     return ServeSettings(**{f.name: getattr(args, f.name) for f in fields(ServeSettings)})
+
+
+def settings_from_environment() -> ServeSettings:
+    """The settings ``PACKRUNNER_*`` variables describe (defaults for the rest)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from_args(parser.parse_args([]))
 
 
 async def _serve(settings: ServeSettings) -> None:
@@ -132,6 +167,16 @@ def run(args: argparse.Namespace) -> int:
     except PackRunnerError as exc:
         print(f"packrunner serve: {exc}", file=sys.stderr)
         return 2
+    if args.ray:
+        from packrunner.integrations.ray import serve_on_ray
+
+        return serve_on_ray(
+            settings,
+            address=args.ray_address,
+            replicas=args.replicas,
+            max_replicas=args.max_replicas,
+            replica_num_cpus=args.replica_cpus,
+        )
     try:
         import uvloop
     except ImportError:

@@ -6,18 +6,21 @@ warm-up ran one full batch, the runner is healthy, and the service is not draini
 packed too late) and the drain on shutdown. Several sequences of one request are submitted as
 separate samples and gathered; the first failure cancels the rest.
 
+:class:`BaseEngine` is what the routes use (admission, readiness, drain, ``run``); :class:`Engine`
+runs on a local PackRunner, ``packrunner.integrations.ray.HandleEngine`` on Ray Serve replicas.
 The runner's device is wrapped in :class:`InstrumentedDevice` to observe each batch (device time,
 samples, token fill) for the metrics without touching the runner.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import enum
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -29,7 +32,14 @@ from packrunner.serve.errors import ErrorKind, ServeError, from_engine_error
 from packrunner.serve.metrics import ServeMetrics
 from packrunner.serve.model import ServedModel
 
-__all__ = ["Engine", "EngineState", "InstrumentedDevice"]
+__all__ = [
+    "BaseEngine",
+    "BatchMetrics",
+    "BatchObserver",
+    "Engine",
+    "EngineState",
+    "InstrumentedDevice",
+]
 
 
 class EngineState(enum.Enum):
@@ -42,10 +52,29 @@ class EngineState(enum.Enum):
     STOPPED = "stopped"
 
 
+class BatchObserver(Protocol):
+    """Something that records one value (a Prometheus or a Ray histogram)."""
+
+    def observe(self, value: float, /) -> Any: ...
+
+
+class BatchMetrics(Protocol):
+    """Where :class:`InstrumentedDevice` records each batch."""
+
+    @property
+    def device_duration(self) -> BatchObserver: ...
+
+    @property
+    def batch_samples(self) -> BatchObserver: ...
+
+    @property
+    def batch_token_fill(self) -> BatchObserver: ...
+
+
 class InstrumentedDevice(Device):
     """Delegates to a device and records each batch in the metrics (on the worker thread)."""
 
-    def __init__(self, device: Device, metrics: ServeMetrics, mask_input: str) -> None:
+    def __init__(self, device: Device, metrics: BatchMetrics, mask_input: str) -> None:
         self._device = device
         self._metrics = metrics
         self._mask_input = mask_input
@@ -87,32 +116,25 @@ class InstrumentedDevice(Device):
         return outputs
 
 
-class Engine:
-    """Runs requests' sequences on a PackRunner with admission, deadlines and readiness.
+class BaseEngine(abc.ABC):
+    """What the front ends need from an engine: admission, readiness, running, drain, close.
+
+    Admission and drain are shared here; subclasses say how sequences run (:class:`Engine`: a
+    local PackRunner; ``packrunner.integrations.ray``: runner replicas behind Ray Serve
+    deployment handles) and whether that backend is healthy.
 
     Args:
-        model: The served model (its device and runner config).
-        metrics: Where batches, queue time and rejections are recorded.
+        metrics: Where rejections (and, by subclasses, runs) are recorded.
         max_concurrent_requests: Requests admitted at once.
     """
 
-    def __init__(
-        self, model: ServedModel, metrics: ServeMetrics, *, max_concurrent_requests: int
-    ) -> None:
-        self._device = InstrumentedDevice(model.device, metrics, model.config.mask_input_name)
-        self._runner = PackRunner(self._device, model.config)
+    def __init__(self, metrics: ServeMetrics, *, max_concurrent_requests: int) -> None:
         self._metrics = metrics
         self._max_concurrent = max_concurrent_requests
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         self.state = EngineState.STARTING
-        metrics.watch_runner(self._runner)
         metrics.watch_in_flight(lambda: self._in_flight)
-
-    @property
-    def runner(self) -> PackRunner:
-        """The runner (for statistics)."""
-        return self._runner
 
     @property
     def accepting(self) -> bool:
@@ -120,22 +142,44 @@ class Engine:
         return self.state is EngineState.READY
 
     @property
+    @abc.abstractmethod
+    def healthy(self) -> bool:
+        """Whether the backend can serve (e.g. the runner is warmed up and not degraded)."""
+
+    @property
     def ready(self) -> bool:
-        """Readiness: admitting requests and the runner healthy (warmed up, not degraded).
+        """Readiness: admitting requests and the backend healthy.
 
         A degraded runner (its last batch failed or timed out) still admits requests, since
         only a successful batch restores it; readiness tells load balancers to look elsewhere.
         """
-        return self.accepting and self._runner.health().ready
+        return self.accepting and self.healthy
 
     async def start(self) -> None:
-        """Start the runner and run one full batch (the runner's warm-up) before reporting ready."""
+        """Bring the backend up (:meth:`_start`), then report ready."""
         self._idle = asyncio.Event()
         self._idle.set()
-        await asyncio.to_thread(self._runner.start)
-        self.state = EngineState.WARMING
-        await self._runner.warmup_async()
+        await self._start()
         self.state = EngineState.READY
+
+    @abc.abstractmethod
+    async def _start(self) -> None:
+        """Start the backend and warm it up."""
+
+    @abc.abstractmethod
+    async def run(
+        self, samples: Sequence[Mapping[str, Any]], deadline: float | None
+    ) -> list[Result]:
+        """Run one request's sequences; ``deadline`` is absolute on the loop's clock.
+
+        Raises:
+            ServeError: VALIDATION (a bad sequence), OVERLOADED (queue full), DEADLINE,
+                BACKEND (the device failed), UNAVAILABLE (closing).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop the backend (sequences still queued fail with UNAVAILABLE)."""
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
@@ -166,6 +210,57 @@ class Engine:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    def begin_drain(self) -> None:
+        """Stop admitting (new requests get UNAVAILABLE) and report not ready."""
+        if self.state is not EngineState.STOPPED:
+            self.state = EngineState.DRAINING
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting; wait up to ``grace_s`` for admitted requests. True if all ended."""
+        self.begin_drain()
+        if self._idle is None:
+            return True
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class Engine(BaseEngine):
+    """Runs requests' sequences on a local PackRunner with admission, deadlines and readiness.
+
+    Args:
+        model: The served model (its device and runner config).
+        metrics: Where batches, queue time and rejections are recorded.
+        max_concurrent_requests: Requests admitted at once.
+    """
+
+    def __init__(
+        self, model: ServedModel, metrics: ServeMetrics, *, max_concurrent_requests: int
+    ) -> None:
+        super().__init__(metrics, max_concurrent_requests=max_concurrent_requests)
+        self._device = InstrumentedDevice(model.device, metrics, model.config.mask_input_name)
+        self._runner = PackRunner(self._device, model.config)
+        metrics.watch_runner(self._runner)
+
+    @property
+    def runner(self) -> PackRunner:
+        """The runner (for statistics)."""
+        return self._runner
+
+    @property
+    def healthy(self) -> bool:
+        """The runner is warmed up and not degraded."""
+        return self._runner.health().ready
+
+    async def _start(self) -> None:
+        """Start the runner and run one full batch (the runner's warm-up)."""
+        await asyncio.to_thread(self._runner.start)
+        self.state = EngineState.WARMING
+        await self._runner.warmup_async()
 
     async def run(
         self, samples: Sequence[Mapping[str, Any]], deadline: float | None
@@ -204,23 +299,6 @@ class Engine:
         batch_start, _ = self._device.last_batch
         self._metrics.queue_duration.observe(max(0.0, batch_start - submitted))
         return results
-
-    def begin_drain(self) -> None:
-        """Stop admitting (new requests get UNAVAILABLE) and report not ready."""
-        if self.state is not EngineState.STOPPED:
-            self.state = EngineState.DRAINING
-
-    async def drain(self, grace_s: float) -> bool:
-        """Stop admitting; wait up to ``grace_s`` for admitted requests. True if all ended."""
-        self.begin_drain()
-        if self._idle is None:
-            return True
-        try:
-            async with asyncio.timeout(grace_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
 
     async def close(self) -> None:
         """Stop the runner (samples still queued fail with UNAVAILABLE)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -120,6 +121,15 @@ class ServeError(PackRunnerError):
         self.kind = kind
         self.message = message
         self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable with its keyword argument, so it crosses process boundaries intact (a Ray
+        # Serve runner replica raises it to the ingress that called it).
+        return (_rebuild_serve_error, (self.kind, self.message, self.retry_after_s))
+
+
+def _rebuild_serve_error(kind: ErrorKind, message: str, retry_after_s: int | None) -> ServeError:
+    return ServeError(kind, message, retry_after_s=retry_after_s)
 
 
 def invalid(message: str) -> ServeError:

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner.runner import Result
-from packrunner.serve.engine import Engine
+from packrunner.serve.engine import BaseEngine
 from packrunner.serve.errors import ErrorKind, Protocol, ServeError
 from packrunner.serve.metrics import ServeMetrics
 from packrunner.serve.model import ServedModel
@@ -39,7 +39,7 @@ class Service:
 
     settings: ServeSettings
     model: ServedModel
-    engine: Engine
+    engine: BaseEngine
     metrics: ServeMetrics
 
     def authorized(self, authorization: str | None) -> bool:
