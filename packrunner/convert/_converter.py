@@ -66,14 +66,18 @@ from packrunner.convert._match import (
     dims,
     find_inputs,
     find_mask_sites,
+    output_layout,
     refuse_fused_ops,
 )
 from packrunner.convert._match_cores import find_attention_cores
+from packrunner.convert._match_pooling import Pooling, find_pooling
 from packrunner.convert._match_positions import (
+    EmbeddingSum,
     PositionLookup,
     find_embedding_sum,
     find_position_lookup,
 )
+from packrunner.convert._pooling import expose_hidden, pool_per_segment, pool_per_slot
 from packrunner.convert._rewrite import (
     drop_outputs,
     expose_position_ids,
@@ -87,6 +91,7 @@ from packrunner.convert._rewrite import (
 )
 from packrunner.convert._selfcheck import check_equivalence
 from packrunner.convert._unpack import unpack_attention
+from packrunner.devices.onnx import LAYOUTS_METADATA_KEY, format_output_layouts
 from packrunner.errors import ConversionError
 from packrunner.graphs import UNPACK_INFO, GraphView, default_opset, evaluate
 
@@ -359,6 +364,7 @@ def _convert(
     # graph, so a graph without them fails here, before any edit.
     sites = [] if form is InputForm.PADDED else find_mask_sites(view, types)
     kinds = classify_outputs(view, types, inputs)
+    poolings = _find_poolings(proto, view, kinds, form, keep_row_outputs, lookup, embeddings, notes)
     dropped = [] if keep_row_outputs else [name for name, kind in kinds.items() if kind == "row"]
     if len(dropped) == len(kinds):
         raise ConversionError(
@@ -374,6 +380,15 @@ def _convert(
             f"rewrote: the attention mask added before {len(sites)} Softmax nodes is now the "
             "block-diagonal bias of the segment ids in attention_mask"
         )
+    exposed: list[str] = []
+    if poolings and form is InputForm.PACKED:
+        ours |= pool_per_segment(view, poolings, batch_size=batch_size, seq_len=seq_len, opset=opset)
+        notes.append(
+            f"rewrote: {len(poolings)} pooling(s) per segment; {_head_outputs(poolings)} are "
+            f"[batch_size, {seq_len} segments, ...] (segment k = the tokens of segment id k + 1)"
+        )
+    elif poolings:
+        exposed = expose_hidden(view, poolings, batch_size=batch_size, seq_len=seq_len)
     ours |= expose_position_ids(view, lookup, opset=opset)
     rerouted = reroute_shape_reads(view, "attention_mask", "input_ids")
     if rerouted:
@@ -422,7 +437,14 @@ def _convert(
             seq_len=seq_len,
             max_valid_num=max_valid_num,
             opset=opset,
+            per_sample=_head_outputs(poolings),
         )
+        if poolings:
+            pool_per_slot(view, poolings, exposed, max_valid_num=max_valid_num, opset=opset)
+            notes.append(
+                f"rewrote: {len(poolings)} pooling(s) per sample slot; {_head_outputs(poolings)} "
+                f"are [max_valid_num={max_valid_num}, ...]"
+            )
         view.toposort()
         view.prune()
         # The stream carries no attention_mask: once the old mask subgraph is gone, nothing may
@@ -438,9 +460,50 @@ def _convert(
     props = {p.key: p.value for p in proto.metadata_props}
     props["packrunner.packed"] = description
     props["packrunner.positions"] = f"kind={lookup.kind.value};offset={lookup.offset}"
-    helper.set_model_props(proto, props)
     kept = {name: kind for name, kind in kinds.items() if name not in dropped}
+    props[LAYOUTS_METADATA_KEY] = format_output_layouts(
+        {name: output_layout(kind, form) for name, kind in kept.items()}
+    )
+    helper.set_model_props(proto, props)
     return _Found(lookup, embeddings.vocab_size, kept, notes)
+
+
+def _find_poolings(
+    proto: onnx.ModelProto,
+    view: GraphView,
+    kinds: dict[str, OutputKind],
+    form: InputForm,
+    keep_row_outputs: bool,
+    lookup: PositionLookup,
+    embeddings: EmbeddingSum,
+    notes: list[str],
+) -> list[Pooling]:
+    """The poolings of the per-row outputs a packed form rewrites; their kinds become "sample".
+
+    Per-row outputs stay per row when asked to (``keep_row_outputs``) or in the padded form (one
+    sample per row). An output whose pooling is not found is dropped like before, or, when no
+    output would be left, refused with the reason.
+    """
+    rows = [name for name, kind in kinds.items() if kind == "row"]
+    if not rows or keep_row_outputs or form is InputForm.PADDED:
+        return []
+    try:
+        poolings = find_pooling(
+            proto, view, rows, vocab_size=embeddings.vocab_size, pad_token=lookup.pad_token
+        )
+    except ConversionError as exc:
+        if len(rows) == len(kinds):
+            raise ConversionError(f"no per-token output, and {exc}") from exc
+        notes.append(f"not rewritten per segment: {exc}")
+        return []
+    for pooling in poolings:
+        notes.append(pooling.describe())
+        kinds.update(dict.fromkeys(pooling.outputs, "sample"))
+    return poolings
+
+
+def _head_outputs(poolings: list[Pooling]) -> list[str]:
+    return [name for pooling in poolings for name in pooling.outputs]
 
 
 @dataclass(frozen=True, slots=True)

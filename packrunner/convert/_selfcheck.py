@@ -21,9 +21,9 @@ import onnx
 import onnxruntime as ort
 
 from packrunner.config import InputForm
-from packrunner.convert._match import OutputKind
+from packrunner.convert._match import OutputKind, output_layout
 from packrunner.convert._match_positions import PositionKind, PositionLookup
-from packrunner.devices.base import OutputLayout, OutputSpec
+from packrunner.devices.base import OutputSpec
 from packrunner.errors import ConversionError
 from packrunner.graphs import UNPACK_INFO, make_session
 from packrunner.packing import build_feeds, plan_batch, unpack_outputs
@@ -86,11 +86,7 @@ def check_equivalence(
     session = make_session(converted)
     fed = {i.name for i in session.get_inputs()}
     unpack = form is InputForm.UNPACK_REPACK
-    token_layout = OutputLayout.SAMPLE_TOKENS if unpack else OutputLayout.PACKED_TOKENS
-    specs = {
-        name: OutputSpec(name, token_layout if kind == "token" else OutputLayout.ROWS)
-        for name, kind in outputs.items()
-    }
+    specs = {name: OutputSpec(name, output_layout(kind, form)) for name, kind in outputs.items()}
     worst, bound = 0.0, 0.0
     pending = list(range(len(samples)))
     while pending:
