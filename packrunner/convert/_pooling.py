@@ -28,7 +28,13 @@ from onnx import TensorProto, helper
 from packrunner.convert._match_pooling import Pooling, PoolingKind
 from packrunner.graphs import UNPACK_INFO, GraphView, NodeEmitter
 
-__all__ = ["expose_hidden", "pool_per_segment", "pool_per_slot"]
+__all__ = [
+    "expose_hidden",
+    "pool_per_segment",
+    "pool_per_slot",
+    "segment_first_tokens",
+    "segment_membership",
+]
 
 
 def pool_per_segment(
@@ -48,9 +54,7 @@ def pool_per_segment(
     b, s = batch_size, seq_len
     k = seq_len
     emit = NodeEmitter(view, prefix="packrunner/pooling", opset=opset)
-    row_ids = emit.with_axes("Unsqueeze", segment_ids, [1], "segment_ids_row")  # [B, 1, S]
-    numbers = emit.const(np.arange(1, k + 1).reshape(1, k, 1), np.int32, "segment_numbers")
-    member = emit.op("Equal", [row_ids, numbers], "member")  # [B, K, S]
+    member = segment_membership(emit, segment_ids, max_segments=k)
     first_index: str | None = None
     for pooling in poolings:
         if pooling.kind is PoolingKind.FIRST_TOKEN:
@@ -81,6 +85,14 @@ def pool_per_segment(
     return {node.name for node in emit.nodes}
 
 
+def segment_membership(emit: NodeEmitter, segment_ids: str, *, max_segments: int) -> str:
+    """``[B, K, S]`` bool: token ``p`` of row ``b`` belongs to segment ``k`` (id ``k + 1``)."""
+    k = max_segments
+    row_ids = emit.with_axes("Unsqueeze", segment_ids, [1], "segment_ids_row")  # [B, 1, S]
+    numbers = emit.const(np.arange(1, k + 1).reshape(1, k, 1), np.int32, "segment_numbers")
+    return emit.op("Equal", [row_ids, numbers], "member")
+
+
 def segment_first_tokens(emit: NodeEmitter, member: str, *, batch_size: int, seq_len: int) -> str:
     """``[B * K]`` flat token index (``row * S + position``) of each segment's first token.
 
@@ -107,12 +119,16 @@ def expose_hidden(
 ) -> list[str]:
     """Make each pooled token tensor a ``[B, S, width]`` graph output (unpack/repack, step 1).
 
+    The head outputs get their static shape on the ``[B, S]`` graph, ``[B, ...]``, until
+    :func:`pool_per_slot` makes them ``[M, ...]``.
+
     Returns:
         The outputs added (:func:`pool_per_slot` removes them again).
     """
     outputs = {o.name for o in view.graph.output}
     added = []
     for pooling in poolings:
+        _set_output_shape(view, pooling, [batch_size])
         if pooling.hidden in outputs or pooling.hidden in added:
             continue
         view.graph.output.append(
@@ -195,8 +211,15 @@ def _attach_head(
             f"{output}_per_segment",
             out=output,
         )
-        index = next(i for i, o in enumerate(view.graph.output) if o.name == output)
-        elem_type = view.graph.output[index].type.tensor_type.elem_type
-        view.graph.output[index].CopyFrom(
-            helper.make_tensor_value_info(output, elem_type, [*lead, *trailing])
-        )
+    _set_output_shape(view, pooling, lead)
+
+
+def _set_output_shape(view: GraphView, pooling: Pooling, lead: Sequence[int]) -> None:
+    """Declare each head output ``[*lead, *trailing]``."""
+    for index, value in enumerate(view.graph.output):
+        if value.name in pooling.outputs:
+            shape = [*lead, *pooling.trailing[value.name]]
+            elem_type = value.type.tensor_type.elem_type
+            view.graph.output[index].CopyFrom(
+                helper.make_tensor_value_info(value.name, elem_type, shape)
+            )
