@@ -15,7 +15,7 @@ leaves the head itself (dense, tanh, dropout, classifier ...) as exported:
   made an output so that :func:`~packrunner.convert._unpack.unpack_attention` unpacks it into
   zeroed ``[M, S, width]`` slots; the pooling then reads slot ``k``'s first token or its sum over
   ``max(unpack_info[k], 1)``, and the head runs on ``[M, width]``: outputs ``[M, ...]``
-  (:attr:`~packrunner.OutputLayout.SAMPLES`).
+  (:attr:`~packrunner.OutputLayout.SAMPLES`), zero in unused slots.
 """
 
 from __future__ import annotations
@@ -161,6 +161,7 @@ def pool_per_slot(
     """
     m = max_valid_num
     emit = NodeEmitter(view, prefix="packrunner/pooling", opset=opset)
+    used = emit.op("Greater", [UNPACK_INFO, emit.const(0, np.int32, "zero_length")], "used")
     for pooling in poolings:
         slots = pooling.hidden
         if pooling.kind is PoolingKind.FIRST_TOKEN:
@@ -180,7 +181,7 @@ def pool_per_slot(
             [pooled, emit.const([m, *pooling.pooled_trailing], np.int64, "pooled_shape")],
             "pooled",
         )
-        _attach_head(view, emit, pooling, pooled, [m])
+        _attach_head(view, emit, pooling, pooled, [m], used)
     view.graph.node.extend(emit.nodes)
     kept = [o for o in view.graph.output if o.name not in exposed]
     del view.graph.output[:]
@@ -189,9 +190,17 @@ def pool_per_slot(
 
 
 def _attach_head(
-    view: GraphView, emit: NodeEmitter, pooling: Pooling, pooled: str, lead: Sequence[int]
+    view: GraphView,
+    emit: NodeEmitter,
+    pooling: Pooling,
+    pooled: str,
+    lead: Sequence[int],
+    used: str | None = None,
 ) -> None:
-    """Make the head read ``pooled`` (``[prod(lead), ...]`` rows) and shape its outputs ``lead``."""
+    """Make the head read ``pooled`` (``[prod(lead), ...]`` rows) and shape its outputs ``lead``.
+
+    ``used`` (``[M]`` bool, slots only): outputs are zero in unused slots, as per-token ones are.
+    """
     renamed = {}
     for output in pooling.outputs:
         renamed[output] = view.fresh_name(f"{output}_rows")
@@ -205,12 +214,16 @@ def _attach_head(
     for output in pooling.outputs:
         value = pooled if output == pooling.pooled else renamed[output]
         trailing = list(pooling.trailing[output])
-        emit.op(
-            "Reshape",
-            [value, emit.const([*lead, *trailing], np.int64, "segments_shape")],
-            f"{output}_per_segment",
-            out=output,
-        )
+        shape = emit.const([*lead, *trailing], np.int64, "outputs_shape")
+        if used is None:
+            emit.op("Reshape", [value, shape], f"{output}_per_segment", out=output)
+            continue
+        per_slot = emit.op("Reshape", [value, shape], f"{output}_per_slot")
+        used_shape = emit.const([*lead, *[1] * len(trailing)], np.int64, "used_shape")
+        elem_type = next(o for o in view.graph.output if o.name == output).type.tensor_type
+        zero = emit.typed_const(0.0, elem_type.elem_type, "zero")
+        used_b = emit.op("Reshape", [used, used_shape], f"{output}_used")
+        emit.op("Where", [used_b, per_slot, zero], f"{output}_zeroed", out=output)
     _set_output_shape(view, pooling, lead)
 
 
