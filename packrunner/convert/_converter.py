@@ -382,7 +382,9 @@ def _convert(
         )
     exposed: list[str] = []
     if poolings and form is InputForm.PACKED:
-        ours |= pool_per_segment(view, poolings, batch_size=batch_size, seq_len=seq_len, opset=opset)
+        ours |= pool_per_segment(
+            view, poolings, batch_size=batch_size, seq_len=seq_len, opset=opset
+        )
         notes.append(
             f"rewrote: {len(poolings)} pooling(s) per segment; {_head_outputs(poolings)} are "
             f"[batch_size, {seq_len} segments, ...] (segment k = the tokens of segment id k + 1)"
