@@ -62,7 +62,8 @@ def test_rerank_scores_equal_each_pair_alone(tmp_path: Path, tokenizer_file: Pat
     ):
         ranked = http.post("/rerank", json={"query": QUERY, "texts": TEXTS})
         raw = http.post(
-            "/rerank", json={"query": QUERY, "texts": TEXTS, "raw_scores": True, "return_text": True}
+            "/rerank",
+            json={"query": QUERY, "texts": TEXTS, "raw_scores": True, "return_text": True},
         )
         empty = http.post("/rerank", json={"query": QUERY, "texts": []})
         predict = http.post("/predict", json={"inputs": [QUERY, TEXTS[0]]})
