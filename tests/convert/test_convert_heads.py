@@ -199,7 +199,7 @@ def test_self_check_refuses_a_wrong_segment(head: str, monkeypatch: pytest.Monke
 
 def test_self_check_refuses_a_wrong_slot_pooling(monkeypatch: pytest.MonkeyPatch) -> None:
     # Unpack/repack: each slot's mean where the head reads its first token: refused.
-    rewrite = converter_module.pool_per_slot
+    rewrite = pooling_module.pool_per_slot
 
     def swapped(view: object, poolings: Sequence[Pooling], *args: object, **kwargs: object) -> None:
         wrong = [dataclasses.replace(p, kind=PoolingKind.MEAN) for p in poolings]
