@@ -19,6 +19,12 @@ rewrites the exported graph into an :class:`~packrunner.InputForm`:
   ``unpack_info`` gives their lengths, token-wise layers run on the stream and each attention
   block on a per-sample view (see :mod:`packrunner.convert._unpack`).
 
+Per-sequence heads (classifiers, rerankers, pooled embedders: outputs with one row per sample)
+get their pooling rewritten per segment or sample slot (:mod:`packrunner.convert._pooling`), and
+every converted model declares its output layouts in its metadata
+(:data:`packrunner.devices.onnx.LAYOUTS_METADATA_KEY`), which :class:`~packrunner.OnnxDevice`
+reads.
+
 In every form ``position_ids`` is a graph input counting ``0 .. L-1`` within each sample; the
 converted graph adds the table row of a sample's first token itself (0 for the BERT family's
 range-indexed tables, ``padding_idx + 1`` for the RoBERTa family's ``cumsum(input_ids != pad) +
@@ -140,10 +146,15 @@ def convert_to_packed(
             and each attention block on a per-sample ``[max_valid_num, seq_len]`` view; per-token
             outputs are ``[max_valid_num, seq_len, ...]``, slot ``k`` holding sample ``k`` from
             position 0 and zeros past its length. Exports below opset 13 are upgraded to it.
-        keep_row_outputs: Outputs with no sequence axis (``pooler_output``: one vector per row)
-            are dropped by default, because in a packed row they describe only the row's first
-            sample. Pass True to keep them (shape ``[batch_size, ...]``; not with
-            ``"unpack_repack"``).
+        keep_row_outputs: Outputs with no sequence axis (``logits`` of a sequence classifier,
+            ``pooler_output``, a ``sentence_embedding``: one value per sequence) are computed
+            per sample by default: their pooling (first token or mean, see
+            :mod:`packrunner.convert._match_pooling`) is rewritten per segment, giving
+            ``[batch_size, seq_len, ...]`` (``OutputLayout.SEGMENTS``; unpack/repack:
+            ``[max_valid_num, ...]``, ``SAMPLES``). Any other pooling is refused when nothing
+            else is left, else that output is dropped. Pass True to keep them per row instead
+            (shape ``[batch_size, ...]``, exact with ``algorithm=padded`` only; not with
+            ``"unpack_repack"``). The padded form never rewrites them (dropped unless kept).
         max_valid_num: Sample slots of an ``"unpack_repack"`` model; unused otherwise.
         position_offset: For an export that takes ``position_ids`` itself: the position-table
             row of a sample's first token (RoBERTa family: ``padding_idx + 1``). None infers it
