@@ -1,12 +1,11 @@
 """Routes shaped like Hugging Face text-embeddings-inference (TEI).
 
 ``POST /embed`` (``normalize``, ``truncate``), ``POST /tokenize``, ``GET /info``, ``GET /health``,
-``POST /predict`` for models with per-sequence class ``logits``, ``POST /rerank`` for those with one
-(a cross-encoder's relevance score: each (query, text) pair runs as one packed sequence), and an
-extractive ``POST /qa``
-(question + context -> answer span and score) for models with span logits. Errors are TEI's
-``{"error", "error_type"}`` with its status codes (422 validation, 413 payload, 429 overloaded,
-503 unhealthy, 424 backend).
+``POST /predict`` for models with per-sequence class ``logits``, ``POST /rerank`` for those with
+one label (a cross-encoder's relevance score: each (query, text) pair runs as one packed
+sequence), and an extractive ``POST /qa`` (question + context -> answer span and score) for
+models with span logits. Errors are TEI's ``{"error", "error_type"}`` with its status codes (422
+validation, 413 payload, 429 overloaded, 503 unhealthy, 424 backend).
 """
 
 from __future__ import annotations
