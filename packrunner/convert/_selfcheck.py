@@ -33,6 +33,7 @@ __all__ = ["TOLERANCE", "SelfCheck", "check_equivalence"]
 #: Relative tolerance of the self-check (of the largest reference magnitude, at least 1).
 TOLERANCE = 1e-4
 _SEED = 20261202
+_SHORT_ROUNDS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,10 @@ def check_equivalence(
     rng = np.random.default_rng(_SEED)
     tokens = np.array([t for t in range(vocab_size) if t != lookup.pad_token])
     lengths = check_lengths(seq_len)
+    if "sample" in outputs.values():
+        # Per-sample heads are read per segment: fill rows with many short samples too, so that
+        # segments far past the first are checked.
+        lengths = (*lengths, *[1, 2, 3] * _SHORT_ROUNDS)
     samples = [rng.choice(tokens, size=n).astype(np.int64) for n in lengths]
 
     reference = make_session(original)
