@@ -515,7 +515,8 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-row-outputs",
         action="store_true",
-        help="keep outputs without a sequence axis (e.g. pooler_output)",
+        help="keep outputs without a sequence axis (logits of a classifier, pooler_output) one "
+        "per row, for padded batches, instead of rewriting their pooling per segment",
     )
     parser.add_argument(
         "--position-offset",

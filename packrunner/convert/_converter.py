@@ -19,6 +19,12 @@ rewrites the exported graph into an :class:`~packrunner.InputForm`:
   ``unpack_info`` gives their lengths, token-wise layers run on the stream and each attention
   block on a per-sample view (see :mod:`packrunner.convert._unpack`).
 
+Per-sequence heads (classifiers, rerankers, pooled embedders: outputs with one row per sample)
+get their pooling rewritten per segment or sample slot (:mod:`packrunner.convert._pooling`), and
+every converted model declares its output layouts in its metadata
+(:data:`packrunner.devices.onnx.LAYOUTS_METADATA_KEY`), which :class:`~packrunner.OnnxDevice`
+reads.
+
 In every form ``position_ids`` is a graph input counting ``0 .. L-1`` within each sample; the
 converted graph adds the table row of a sample's first token itself (0 for the BERT family's
 range-indexed tables, ``padding_idx + 1`` for the RoBERTa family's ``cumsum(input_ids != pad) +
@@ -76,14 +82,18 @@ from packrunner.convert._match import (
     dims,
     find_inputs,
     find_mask_sites,
+    output_layout,
     refuse_fused_ops,
 )
 from packrunner.convert._match_cores import find_attention_cores
+from packrunner.convert._match_pooling import Pooling, find_pooling
 from packrunner.convert._match_positions import (
+    EmbeddingSum,
     PositionLookup,
     find_embedding_sum,
     find_position_lookup,
 )
+from packrunner.convert._pooling import expose_hidden, pool_per_segment, pool_per_slot
 from packrunner.convert._precision import Precision, to_float16
 from packrunner.convert._rewrite import (
     drop_outputs,
@@ -98,6 +108,7 @@ from packrunner.convert._rewrite import (
 )
 from packrunner.convert._selfcheck import check_equivalence
 from packrunner.convert._unpack import unpack_attention
+from packrunner.devices.onnx import LAYOUTS_METADATA_KEY, format_output_layouts
 from packrunner.errors import ConversionError
 from packrunner.graphs import UNPACK_INFO, GraphView, default_opset, evaluate
 
@@ -151,10 +162,15 @@ def convert_to_packed(
             and each attention block on a per-sample ``[max_valid_num, seq_len]`` view; per-token
             outputs are ``[max_valid_num, seq_len, ...]``, slot ``k`` holding sample ``k`` from
             position 0 and zeros past its length. Exports below opset 17 are upgraded to it.
-        keep_row_outputs: Outputs with no sequence axis (``pooler_output``: one vector per row)
-            are dropped by default, because in a packed row they describe only the row's first
-            sample. Pass True to keep them (shape ``[batch_size, ...]``; not with
-            ``"unpack_repack"``).
+        keep_row_outputs: Outputs with no sequence axis (``logits`` of a sequence classifier,
+            ``pooler_output``, a ``sentence_embedding``: one value per sequence) are computed
+            per sample by default: their pooling (first token or mean, see
+            :mod:`packrunner.convert._match_pooling`) is rewritten per segment, giving
+            ``[batch_size, seq_len, ...]`` (``OutputLayout.SEGMENTS``; unpack/repack:
+            ``[max_valid_num, ...]``, ``SAMPLES``). Any other pooling is refused when nothing
+            else is left, else that output is dropped. Pass True to keep them per row instead
+            (shape ``[batch_size, ...]``, exact with ``algorithm=padded`` only; not with
+            ``"unpack_repack"``). The padded form never rewrites them (dropped unless kept).
         max_valid_num: Sample slots of an ``"unpack_repack"`` model; unused otherwise.
         position_offset: For an export that takes ``position_ids`` itself: the position-table
             row of a sample's first token (RoBERTa family: ``padding_idx + 1``). None infers it
@@ -396,6 +412,7 @@ def _convert(
             "convert with form='packed'"
         )
     kinds = classify_outputs(view, types, inputs)
+    poolings = _find_poolings(proto, view, kinds, form, keep_row_outputs, lookup, embeddings, notes)
     dropped = [] if keep_row_outputs else [name for name, kind in kinds.items() if kind == "row"]
     if len(dropped) == len(kinds):
         raise ConversionError(
@@ -421,6 +438,17 @@ def _convert(
                 "ids as their additive mask"
                 + (f" ({combined} added to a constant mask they had)" if combined else "")
             )
+    exposed: list[str] = []
+    if poolings and form is InputForm.PACKED:
+        ours |= pool_per_segment(
+            view, poolings, batch_size=batch_size, seq_len=seq_len, opset=opset
+        )
+        notes.append(
+            f"rewrote: {len(poolings)} pooling(s) per segment; {_head_outputs(poolings)} are "
+            f"[batch_size, {seq_len} segments, ...] (segment k = the tokens of segment id k + 1)"
+        )
+    elif poolings:
+        exposed = expose_hidden(view, poolings, batch_size=batch_size, seq_len=seq_len)
     ours |= expose_position_ids(view, lookup, opset=opset)
     rerouted = reroute_shape_reads(view, "attention_mask", "input_ids")
     if rerouted:
@@ -469,7 +497,14 @@ def _convert(
             seq_len=seq_len,
             max_valid_num=max_valid_num,
             opset=opset,
+            per_sample=_head_outputs(poolings),
         )
+        if poolings:
+            pool_per_slot(view, poolings, exposed, max_valid_num=max_valid_num, opset=opset)
+            notes.append(
+                f"rewrote: {len(poolings)} pooling(s) per sample slot; {_head_outputs(poolings)} "
+                f"are [max_valid_num={max_valid_num}, ...]"
+            )
         view.toposort()
         view.prune()
         # The stream carries no attention_mask: once the old mask subgraph is gone, nothing may
@@ -485,9 +520,50 @@ def _convert(
     props = {p.key: p.value for p in proto.metadata_props}
     props["packrunner.packed"] = description
     props["packrunner.positions"] = f"kind={lookup.kind.value};offset={lookup.offset}"
-    helper.set_model_props(proto, props)
     kept = {name: kind for name, kind in kinds.items() if name not in dropped}
+    props[LAYOUTS_METADATA_KEY] = format_output_layouts(
+        {name: output_layout(kind, form) for name, kind in kept.items()}
+    )
+    helper.set_model_props(proto, props)
     return _Found(lookup, embeddings.vocab_size, kept, notes)
+
+
+def _find_poolings(
+    proto: onnx.ModelProto,
+    view: GraphView,
+    kinds: dict[str, OutputKind],
+    form: InputForm,
+    keep_row_outputs: bool,
+    lookup: PositionLookup,
+    embeddings: EmbeddingSum,
+    notes: list[str],
+) -> list[Pooling]:
+    """The poolings of the per-row outputs a packed form rewrites; their kinds become "sample".
+
+    Per-row outputs stay per row when asked to (``keep_row_outputs``) or in the padded form (one
+    sample per row). An output whose pooling is not found is dropped like before, or, when no
+    output would be left, refused with the reason.
+    """
+    rows = [name for name, kind in kinds.items() if kind == "row"]
+    if not rows or keep_row_outputs or form is InputForm.PADDED:
+        return []
+    try:
+        poolings = find_pooling(
+            proto, view, rows, vocab_size=embeddings.vocab_size, pad_token=lookup.pad_token
+        )
+    except ConversionError as exc:
+        if len(rows) == len(kinds):
+            raise ConversionError(f"no per-token output, and {exc}") from exc
+        notes.append(f"not rewritten per segment: {exc}")
+        return []
+    for pooling in poolings:
+        notes.append(pooling.describe())
+        kinds.update(dict.fromkeys(pooling.outputs, "sample"))
+    return poolings
+
+
+def _head_outputs(poolings: list[Pooling]) -> list[str]:
+    return [name for pooling in poolings for name in pooling.outputs]
 
 
 @dataclass(frozen=True, slots=True)

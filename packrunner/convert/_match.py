@@ -29,6 +29,8 @@ from typing import Literal
 import onnx
 from onnx import TensorProto, helper
 
+from packrunner.config import InputForm
+from packrunner.devices.base import OutputLayout
 from packrunner.errors import ConversionError
 from packrunner.graphs import GraphView
 
@@ -42,6 +44,7 @@ __all__ = [
     "dims",
     "find_inputs",
     "find_mask_sites",
+    "output_layout",
     "refuse_fused_ops",
 ]
 
@@ -50,7 +53,9 @@ logger = logging.getLogger("packrunner.convert")
 #: The inputs of a converted model, in order; each is int32 ``[batch_size, seq_len]``.
 PACKED_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
-OutputKind = Literal["token", "row"]
+#: What an output holds: per token, per row (one sample per row only), or per sample (a
+#: per-sequence head rewritten by :mod:`packrunner.convert._pooling`).
+OutputKind = Literal["token", "row", "sample"]
 
 # Ops the attention scores pass through between the QK^T MatMul and the Softmax in the exports we
 # know (scale, mask add, dtype casts, head reshapes). The search for the mask Add only walks these.
@@ -306,3 +311,13 @@ def classify_outputs(
             )
         kinds[output.name] = "token" if len(found) >= 2 and found[1] == inputs.seq_dim else "row"
     return kinds
+
+
+def output_layout(kind: OutputKind, form: InputForm) -> OutputLayout:
+    """The :class:`~packrunner.OutputLayout` of a converted output of ``kind`` in ``form``."""
+    unpack = form is InputForm.UNPACK_REPACK
+    if kind == "token":
+        return OutputLayout.SAMPLE_TOKENS if unpack else OutputLayout.PACKED_TOKENS
+    if kind == "sample":
+        return OutputLayout.SAMPLES if unpack else OutputLayout.SEGMENTS
+    return OutputLayout.ROWS

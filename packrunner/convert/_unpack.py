@@ -19,7 +19,7 @@ sample's length. The index tensors, the bias and the gathers are
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -40,6 +40,7 @@ def unpack_attention(
     seq_len: int,
     max_valid_num: int,
     opset: int,
+    per_sample: Collection[str] = (),
 ) -> None:
     """Run every attention core per sample slot and unpack the outputs; adds ``unpack_info``.
 
@@ -51,6 +52,8 @@ def unpack_attention(
         seq_len: Tokens per row, and per sample slot.
         max_valid_num: Sample slots (``unpack_info`` length).
         opset: Default-domain opset of the model.
+        per_sample: Outputs left as they are (per-sequence heads, which
+            :func:`packrunner.convert._pooling.pool_per_slot` rewrites next).
 
     Raises:
         ConversionError: An output is not per token (``[batch_size, seq_len, ...]``).
@@ -100,7 +103,7 @@ def unpack_attention(
                     consumer.input[slot] = repacked
 
     new_shapes: dict[str, list[int]] = {}
-    for output in list(graph.output):
+    for output in [o for o in graph.output if o.name not in per_sample]:
         shape = list(shapes.get(output.name, []))
         if len(shape) < 2 or shape[:2] != [b, s]:
             raise ConversionError(
@@ -121,6 +124,8 @@ def unpack_attention(
     graph.node.extend(emit.nodes)
     graph.input.append(helper.make_tensor_value_info(UNPACK_INFO, TensorProto.INT32, [m]))
     for index, output in enumerate(graph.output):
+        if output.name in per_sample:
+            continue
         graph.output[index].CopyFrom(
             helper.make_tensor_value_info(
                 output.name, output.type.tensor_type.elem_type, new_shapes[output.name]

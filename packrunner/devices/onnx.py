@@ -25,7 +25,12 @@ from packrunner.devices.base import (
 from packrunner.errors import ConfigError, DeviceError
 from packrunner.graphs import BLOCK_DIAGONAL_MARK
 
-__all__ = ["BATCH_COUPLING_OPS", "OnnxDevice"]
+__all__ = ["BATCH_COUPLING_OPS", "LAYOUTS_METADATA_KEY", "OnnxDevice", "format_output_layouts"]
+
+#: Model metadata key under which a model declares its outputs' layouts, ``name=layout;...``
+#: (``packrunner convert`` writes it). Shapes cannot always tell: a converted classifier's
+#: ``[B, K, labels]`` per-segment logits with ``K == seq_len`` look like per-token outputs.
+LAYOUTS_METADATA_KEY: Final = "packrunner.output_layouts"
 
 # Ops whose result for one sample can depend on the other samples of its batch, or that take
 # a padding mask instead of our additive block-diagonal bias. onnxruntime's fused attention
@@ -78,8 +83,10 @@ class OnnxDevice(Device):
         intra_op_num_threads: onnxruntime threads; default: every core of the machine.
         providers: onnxruntime execution providers.
         output_layouts: Layout per output name, for outputs whose layout cannot be told from
-            their shape (by default ``[B, S, ...]`` is per token, ``[max_valid_num, S, ...]`` per
-            sample slot, ``[B, K, ...]`` per segment, ``[max_valid_num, ...]`` per sample).
+            their shape. By default the layouts the model declares in its metadata
+            (:data:`LAYOUTS_METADATA_KEY`, as converted models do) are used, else they are
+            inferred from shapes: ``[B, S, ...]`` is per token, ``[max_valid_num, S, ...]`` per
+            sample slot, ``[B, K, ...]`` per segment, ``[max_valid_num, ...]`` per sample.
         output_names: Only fetch these outputs (default: all).
         allow_spinning: Let idle intra-op threads spin instead of sleeping (onnxruntime's own
             default). Off by default: a runner always has other threads that need the cores
@@ -189,7 +196,7 @@ class OnnxDevice(Device):
         missing = [name for name in wanted if name not in declared]
         if missing:
             raise ConfigError(f"model has no output(s) {missing}; it has {sorted(declared)}")
-        layouts = dict(output_layouts or {})
+        layouts = {**_declared_layouts(model), **dict(output_layouts or {})}
         self._output_specs = {
             name: self._output_spec(declared[name], layouts.get(name)) for name in wanted
         }
@@ -344,6 +351,29 @@ class OnnxDevice(Device):
         lead = 1 if layout in (OutputLayout.SAMPLES, OutputLayout.ROWS) else 2
         trailing = tuple(d if d is not None else -1 for d in dims[lead:])
         return OutputSpec(value.name, layout, trailing)
+
+
+def format_output_layouts(layouts: Mapping[str, OutputLayout]) -> str:
+    """The :data:`LAYOUTS_METADATA_KEY` value declaring ``layouts``."""
+    return ";".join(f"{name}={layout.value}" for name, layout in layouts.items())
+
+
+def _declared_layouts(model: onnx.ModelProto) -> dict[str, OutputLayout]:
+    props = {p.key: p.value for p in model.metadata_props}
+    declared = props.get(LAYOUTS_METADATA_KEY)
+    if not declared:
+        return {}
+    layouts = {}
+    for entry in declared.split(";"):
+        name, _, value = entry.rpartition("=")
+        try:
+            layouts[name] = OutputLayout(value)
+        except ValueError:
+            raise ConfigError(
+                f"model metadata {LAYOUTS_METADATA_KEY} declares {entry!r}; expected "
+                f"name=layout with a layout in {[layout.value for layout in OutputLayout]}"
+            ) from None
+    return layouts
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[onnx.TensorShapeProto.Dimension]:

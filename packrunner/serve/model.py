@@ -90,6 +90,11 @@ class ServedModel:
         spec = self.outputs.get("logits")
         return spec is not None and not per_token(spec)
 
+    @property
+    def is_reranker(self) -> bool:
+        """Whether the classifier has one label, a relevance score (``/rerank``, as in TEI)."""
+        return self.has_classifier and len(self.labels) == 1
+
     def embedding(self, result: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         """One sequence's embedding: the pooled output, or the mean of its hidden states."""
         if POOLED in result:

@@ -1,10 +1,11 @@
 """Routes shaped like Hugging Face text-embeddings-inference (TEI).
 
 ``POST /embed`` (``normalize``, ``truncate``), ``POST /tokenize``, ``GET /info``, ``GET /health``,
-``POST /predict`` for models with per-sequence class ``logits``, and an extractive ``POST /qa``
-(question + context -> answer span and score) for models with span logits. Errors are TEI's
-``{"error", "error_type"}`` with its status codes (422 validation, 413 payload, 429 overloaded,
-503 unhealthy, 424 backend).
+``POST /predict`` for models with per-sequence class ``logits``, ``POST /rerank`` for those with
+one label (a cross-encoder's relevance score: each (query, text) pair runs as one packed
+sequence), and an extractive ``POST /qa`` (question + context -> answer span and score) for
+models with span logits. Errors are TEI's ``{"error", "error_type"}`` with its status codes (422
+validation, 413 payload, 429 overloaded, 503 unhealthy, 424 backend).
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def _softmax(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
     return shifted / total
 
 
+def _scores(logits: npt.NDArray[np.float32], raw: bool) -> npt.NDArray[np.float64]:
+    """TEI's classifier activation: none if raw, a sigmoid for one label, else a softmax."""
+    values = np.asarray(logits, np.float64)
+    if raw:
+        return values
+    if values.size == 1:
+        scores: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-values))
+        return scores
+    return _softmax(logits)
+
+
 async def _embed(call: Call) -> Response:
     body = _object(call)
     if "inputs" not in body:
@@ -103,7 +115,8 @@ async def _info(call: Call) -> Response:
     service = call.service
     settings, model = service.settings, service.model
     if model.has_classifier:
-        model_type: dict[str, object] = {"classifier": {"id2label": dict(enumerate(model.labels))}}
+        kind = "reranker" if model.is_reranker else "classifier"
+        model_type: dict[str, object] = {kind: {"id2label": dict(enumerate(model.labels))}}
     else:
         model_type = {"embedding": {"pooling": "mean"}}
     config = model.config
@@ -164,13 +177,42 @@ async def _predict(call: Call) -> Response:
     raw = bool(_flag(body, "raw_scores", False))
     answers = []
     for result in results:
-        logits = np.asarray(result["logits"], np.float32)
-        scores = logits.astype(np.float64) if raw else _softmax(logits)
+        scores = _scores(np.asarray(result["logits"], np.float32), raw)
         order = np.argsort(-scores, kind="stable")
         answers.append(
             [{"score": float(scores[i]), "label": service.model.labels[i]} for i in order]
         )
     return JSONResponse(answers[0] if single else answers)
+
+
+async def _rerank(call: Call) -> Response:
+    service = call.service
+    body = _object(call)
+    query, texts = body.get("query"), body.get("texts")
+    if not isinstance(query, str):
+        raise invalid("'query' must be a string")
+    if texts == []:
+        raise ServeError(ErrorKind.EMPTY, "`texts` cannot be empty")
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise invalid("'texts' must be a list of strings")
+    if not service.model.is_reranker:
+        # TEI answers a backend error (424) for a model that is no single-label classifier.
+        raise ServeError(ErrorKind.BACKEND, "model is not a re-ranker model")
+    service.check_count(len(texts))
+    encoded = service.tokenize([(query, text) for text in texts], _flag(body, "truncate", None))
+    results = await service.run_ids(
+        [t.ids for t in encoded], service.deadline(), [t.type_ids for t in encoded]
+    )
+    raw = bool(_flag(body, "raw_scores", False))
+    scores = [float(_scores(np.asarray(r["logits"], np.float32), raw)[0]) for r in results]
+    text_too = bool(_flag(body, "return_text", False))
+    ranked = sorted(range(len(texts)), key=lambda i: -scores[i])
+    return JSONResponse(
+        [
+            {"index": i, "score": scores[i], **({"text": texts[i]} if text_too else {})}
+            for i in ranked
+        ]
+    )
 
 
 def best_span(
@@ -222,6 +264,7 @@ def tei_routes(service: Service) -> list[Route]:
     return [
         post("/embed", "tei_embed", _embed),
         post("/predict", "tei_predict", _predict),
+        post("/rerank", "tei_rerank", _rerank),
         post("/qa", "tei_qa", _qa),
         Route(
             "/tokenize",

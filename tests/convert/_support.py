@@ -110,11 +110,20 @@ def per_sample_max_diff(
     placements: Sequence[Placement],
     references: Sequence[Mapping[str, FloatArray]],
 ) -> float:
-    """Largest |packed - reference| over every sample's valid tokens and every packed output."""
+    """Largest |packed - reference| over every sample's valid tokens and every packed output.
+
+    Per-sample outputs (a converted per-sequence head) are read at the sample's segment
+    (``[B, K, ...]``) or stream slot (``[M, ...]``); per-token ones at its tokens.
+    """
     worst = 0.0
     for place, ref in zip(placements, references, strict=True):
         for name, out in packed.items():
-            got = out[place.row, place.offset : place.offset + place.length]
-            want = ref[name][0, : place.length]
+            want = ref[name][0]  # the sample alone: its own length
+            if out.ndim == want.ndim + 2:
+                got = out[place.row, place.segment - 1]
+            elif out.shape[1:] == want.shape:  # a slot (or a whole row) is the sample
+                got = out[place.row]
+            else:
+                got = out[place.row, place.offset : place.offset + place.length]
             worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))))
     return worst

@@ -95,17 +95,23 @@ def test_io_contract(converted: onnx.ModelProto) -> None:
         dims = output.type.tensor_type.shape.dim
         assert [d.dim_value for d in dims][:2] == [BATCH, SEQ], output.name
         assert all(d.HasField("dim_value") for d in dims), output.name
-    # pooler_output (one vector per row) is dropped by default.
-    assert "pooler_output" not in {o.name for o in converted.graph.output}
     props = {p.key: p.value for p in converted.metadata_props}
+    # pooler_output (one vector per sample) is computed per segment: [batch, seq_len segments].
+    layouts = dict(entry.split("=") for entry in props["packrunner.output_layouts"].split(";"))
+    assert all(layouts[o.name] == "packed_tokens" for o in converted.graph.output[:1])
+    if "pooler_output" in layouts:
+        assert layouts["pooler_output"] == "segments"
     assert props["packrunner.packed"] == "batch_size=16;seq_len=256;form=packed"
 
 
 def test_old_mask_subgraph_is_gone(converted: onnx.ModelProto) -> None:
     # The segment ids feed only the new block-diagonal bias: nothing reads them as a 0/1 mask.
     readers = [n for n in converted.graph.node if "attention_mask" in n.input]
-    # Query segments (Unsqueeze), and key segments with padding made -1 (Greater, Where).
-    assert sorted(n.op_type for n in readers) == ["Greater", "Unsqueeze", "Where"]
+    # Query segments (Unsqueeze), and key segments with padding made -1 (Greater, Where); with a
+    # per-segment pooler_output, also the segment membership of its pooling (Unsqueeze).
+    pooled = any(o.name == "pooler_output" for o in converted.graph.output)
+    expected = ["Greater", "Unsqueeze", "Unsqueeze", "Where"] if pooled else None
+    assert sorted(n.op_type for n in readers) == (expected or ["Greater", "Unsqueeze", "Where"])
     bias_values = [
         float(numpy_helper.to_array(t))
         for t in converted.graph.initializer
@@ -268,8 +274,16 @@ def test_unpack_repack_io_contract(unpack_model: onnx.ModelProto) -> None:
         "unpack_info": [MAX_VALID],
     }
     assert all(i.type.tensor_type.elem_type == TensorProto.INT32 for i in unpack_model.graph.input)
+    props = {p.key: p.value for p in unpack_model.metadata_props}
+    layouts = dict(entry.split("=") for entry in props["packrunner.output_layouts"].split(";"))
     for output in unpack_model.graph.output:
-        assert [d.dim_value for d in output.type.tensor_type.shape.dim][:2] == [MAX_VALID, SEQ]
+        dims = [d.dim_value for d in output.type.tensor_type.shape.dim]
+        if output.name == "pooler_output":  # one vector per sample slot
+            assert layouts[output.name] == "samples"
+            assert dims == [MAX_VALID, 32]
+        else:
+            assert layouts[output.name] == "sample_tokens"
+            assert dims[:2] == [MAX_VALID, SEQ]
     # Token-wise layers stay on the [B, S] stream; only attention runs per sample slot.
     shapes = {
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
@@ -298,8 +312,9 @@ def test_unpack_repack_equals_per_sample_outputs(
     assert diff <= TOLERANCE
     for name, out in outputs.items():
         assert np.isfinite(out).all(), name
-        for place in placements:  # zero past each sample's length ...
-            assert not out[place.row, place.length :].any(), name
+        if out.shape[1:2] == (SEQ,):  # per token (pooler_output is one vector per slot)
+            for place in placements:  # zero past each sample's length ...
+                assert not out[place.row, place.length :].any(), name
         assert not out[len(placements) :].any(), name  # ... and in unused slots
 
 

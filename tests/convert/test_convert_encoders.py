@@ -229,12 +229,6 @@ def test_table_rows_count_from_the_offset() -> None:
         convert_to_packed(fixture_path("tiny_hf_roberta_eager"), batch_size=1, seq_len=513)
 
 
-def test_sequence_classification_head_is_refused() -> None:
-    # One logits row per sample: not packable until per-segment heads are rewritten.
-    with pytest.raises(ConversionError, match="no per-token output"):
-        convert_to_packed(fixture_path("tiny_hf_xlmr_cls"), batch_size=2, seq_len=16)
-
-
 def test_fused_attention_is_refused_by_name(tmp_path: Path) -> None:
     # onnxruntime's transformer optimizer fuses attention and the embeddings into contrib ops.
     # Its Attention takes the block-diagonal bias (test_convert_attention_ops); the fused
