@@ -55,9 +55,15 @@ import onnx
 
 # onnx.load raises protobuf's DecodeError for a file that is not a model; protobuf ships no stubs.
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
-from onnx import helper, shape_inference, version_converter
+from onnx import TensorProto, helper, shape_inference, version_converter
 
 from packrunner.config import InputForm
+from packrunner.convert._mask_forms import (
+    add_mask_structure,
+    additive_where_masks,
+    binary_mask_reads,
+    find_mask_structure,
+)
 from packrunner.convert._match import (
     PACKED_INPUT_NAMES,
     OutputKind,
@@ -73,6 +79,10 @@ from packrunner.convert._match_positions import (
     PositionLookup,
     find_embedding_sum,
     find_position_lookup,
+)
+from packrunner.convert._match_relative import (
+    RowInvariantPositions,
+    find_row_invariant_positions,
 )
 from packrunner.convert._rewrite import (
     drop_outputs,
@@ -344,20 +354,40 @@ def _convert(
     # Find. Nothing is edited until every pattern the form needs was found.
     inputs = find_inputs(view)
     refuse_fused_ops(view)
+    # One normalisation first, so the one mask-site finder also matches masked_fill exports.
+    where_masks = additive_where_masks(view, opset=opset)
     embeddings = find_embedding_sum(view)
+    invariant = find_row_invariant_positions(proto, view)
     lookup = find_position_lookup(
-        proto, view, embeddings, seq_len=seq_len, position_offset=position_offset
+        proto,
+        view,
+        embeddings,
+        seq_len=seq_len,
+        position_offset=position_offset,
+        absent_ok=invariant is not None,
     )
-    notes = [
-        f"positions: {lookup.kind.value} lookup {lookup.gather!r} over {lookup.table!r} "
-        f"[{lookup.rows}, {embeddings.hidden}]: {lookup.reason}",
-        f"rewrote: {lookup.table!r} now reads position_ids"
-        + (f" + {lookup.offset}" if lookup.offset else "")
-        + " (position_ids: 0..L-1 per sample)",
-    ]
+    notes = []
+    if lookup is not None:
+        notes += [
+            f"positions: {lookup.kind.value} lookup {lookup.gather!r} over {lookup.table!r} "
+            f"[{lookup.rows}, {embeddings.hidden}]: {lookup.reason}",
+            f"rewrote: {lookup.table!r} now reads position_ids"
+            + (f" + {lookup.offset}" if lookup.offset else "")
+            + " (position_ids: 0..L-1 per sample)",
+        ]
+    if invariant is not None:
+        notes += invariant.notes()
+    if where_masks:
+        notes.append(f"rewrote: {where_masks} masked_fill masks (Where) as additive masks")
     # A padded model keeps the exported mask; an unpack/repack one needs its sites on the static
     # graph, so a graph without them fails here, before any edit.
     sites = [] if form is InputForm.PADDED else find_mask_sites(view, types)
+    bands = find_mask_structure(proto, view, sites, seq_len=seq_len)
+    if bands:
+        notes.append(
+            f"kept: a band of its own (sliding window) in the mask of {len(bands)} of "
+            f"{len(sites)} attention layers, added to the new bias"
+        )
     kinds = classify_outputs(view, types, inputs)
     dropped = [] if keep_row_outputs else [name for name, kind in kinds.items() if kind == "row"]
     if len(dropped) == len(kinds):
@@ -370,11 +400,17 @@ def _convert(
     ours: set[str] = set()
     if form is InputForm.PACKED:
         ours = use_block_diagonal_bias(view, sites, opset=opset)
+        add_mask_structure(view, sites, bands, opset=opset)
         notes.append(
             f"rewrote: the attention mask added before {len(sites)} Softmax nodes is now the "
             "block-diagonal bias of the segment ids in attention_mask"
         )
-    ours |= expose_position_ids(view, lookup, opset=opset)
+    if lookup is not None:
+        ours |= expose_position_ids(view, lookup, opset=opset)
+    else:  # the runner feeds positions to every packed model; these need none
+        view.graph.input.append(
+            helper.make_tensor_value_info("position_ids", TensorProto.INT32, [None, None])
+        )
     rerouted = reroute_shape_reads(view, "attention_mask", "input_ids")
     if rerouted:
         notes.append(f"rewrote: {rerouted} shape-only reads of attention_mask read input_ids")
@@ -388,6 +424,10 @@ def _convert(
     view.toposort()  # prune() sweeps in topological order
     view.prune()
     if form is InputForm.PACKED:
+        binary = binary_mask_reads(view, ours, opset=opset)
+        if binary:
+            notes.append("rewrote: token-wise reads of attention_mask read segment ids > 0")
+        ours |= binary
         require_mask_replaced(view, ours, "; those uses would read segment ids as a 0/1 mask")
     retype_inputs(view, batch_size=batch_size, seq_len=seq_len, ours=ours)
     set_static_output_shapes(proto, types, inputs, batch_size=batch_size, seq_len=seq_len)
@@ -423,6 +463,7 @@ def _convert(
             max_valid_num=max_valid_num,
             opset=opset,
         )
+        add_mask_structure(view, sites, bands, opset=opset)
         view.toposort()
         view.prune()
         # The stream carries no attention_mask: once the old mask subgraph is gone, nothing may
@@ -437,17 +478,19 @@ def _convert(
         notes.append(f"rewrote: {len(cores)} attention blocks run per sample slot")
     props = {p.key: p.value for p in proto.metadata_props}
     props["packrunner.packed"] = description
-    props["packrunner.positions"] = f"kind={lookup.kind.value};offset={lookup.offset}"
+    positions = lookup or invariant
+    assert positions is not None  # find_position_lookup raised otherwise
+    props["packrunner.positions"] = f"kind={positions.kind.value};offset={positions.offset}"
     helper.set_model_props(proto, props)
     kept = {name: kind for name, kind in kinds.items() if name not in dropped}
-    return _Found(lookup, embeddings.vocab_size, kept, notes)
+    return _Found(positions, embeddings.vocab_size, kept, notes)
 
 
 @dataclass(frozen=True, slots=True)
 class _Found:
     """What the driver matched, for the self-check and ``--explain``."""
 
-    lookup: PositionLookup
+    lookup: PositionLookup | RowInvariantPositions
     vocab_size: int
     outputs: dict[str, OutputKind]
     notes: list[str]

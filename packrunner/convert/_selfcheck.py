@@ -23,6 +23,7 @@ import onnxruntime as ort
 from packrunner.config import InputForm
 from packrunner.convert._match import OutputKind
 from packrunner.convert._match_positions import PositionKind, PositionLookup
+from packrunner.convert._match_relative import RowInvariantPositions
 from packrunner.devices.base import OutputLayout, OutputSpec
 from packrunner.errors import ConversionError
 from packrunner.graphs import UNPACK_INFO, make_session
@@ -65,7 +66,7 @@ def check_equivalence(
     batch_size: int,
     seq_len: int,
     max_valid_num: int,
-    lookup: PositionLookup,
+    lookup: PositionLookup | RowInvariantPositions,
     vocab_size: int,
     outputs: Mapping[str, OutputKind],
 ) -> SelfCheck:
@@ -147,7 +148,7 @@ def _token_values(name: str, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int32
 def _single_feeds(
     ids: npt.NDArray[np.int64],
     inputs: Mapping[str, tuple[str, list[object]]],
-    lookup: PositionLookup,
+    lookup: PositionLookup | RowInvariantPositions,
 ) -> dict[str, npt.NDArray[np.generic]]:
     """The original's feeds for one sample alone: batch 1, its own length.
 
