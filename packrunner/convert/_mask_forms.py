@@ -125,10 +125,10 @@ def find_mask_structure(
     Sites whose operand is then all zero (a plain padding mask) are left out.
     """
     feeds: dict[str, npt.NDArray[np.generic]] = {}
-    for value in view.graph.input:
-        if view.is_graph_input(value.name):
-            dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            feeds[value.name] = np.ones((1, seq_len), dtype=dtype)
+    for graph_input in view.graph.input:
+        if view.is_graph_input(graph_input.name):
+            dtype = helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+            feeds[graph_input.name] = np.ones((1, seq_len), dtype=dtype)
     operands = []
     for site in sites:
         add = view.producer(site.add)

@@ -66,19 +66,23 @@ class RowInvariantPositions:
         found = []
         if self.relative:
             found.append(
-                f"positions: relative buckets (row-invariant): {len(self.relative)} gathers "
+                f"positions: relative buckets (row-invariant): {_count(self.relative, 'gather')} "
                 "whose indices depend on i - j only (checked at lengths "
                 f"{list(_PROBE_LENGTHS)}); the row's position range is kept, distances within a "
                 "segment equal the sample's own"
             )
         if self.rotary:
             found.append(
-                f"positions: rotary (row-invariant): {len(self.rotary)} Sin/Cos of angles "
-                "position * frequency (checked at lengths "
+                f"positions: rotary (row-invariant): {_count(self.rotary, 'Sin/Cos node')} "
+                "of angles position * frequency (checked at lengths "
                 f"{list(_PROBE_LENGTHS)}); q_i . k_j depends on i - j only, the row's position "
                 "range is kept"
             )
         return found
+
+
+def _count(names: tuple[str, ...], what: str) -> str:
+    return f"{len(names)} {what}" + ("" if len(names) == 1 else "s")
 
 
 def find_row_invariant_positions(
@@ -124,10 +128,11 @@ def _probe(
 ) -> npt.NDArray[np.generic] | None:
     """``tensor`` computed for one row of ``length`` tokens (None if that part does not run)."""
     feeds: dict[str, npt.NDArray[np.generic]] = {}
-    for value in view.graph.input:
-        if view.is_graph_input(value.name):
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-            feeds[value.name] = np.ones((1, length), dtype=dtype)
+    for graph_input in view.graph.input:
+        if view.is_graph_input(graph_input.name):
+            elem_type = graph_input.type.tensor_type.elem_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+            feeds[graph_input.name] = np.ones((1, length), dtype=dtype)
     try:
         (value,) = evaluate(model, view, [tensor], feeds)
     except Exception:  # not computable alone: not a match we can check
