@@ -1,7 +1,8 @@
 """``packrunner convert``: rewrite a Hugging Face encoder ONNX export into an input form.
 
 See :mod:`packrunner.convert._converter` for what is rewritten; the data-flow matchers are in
-``_match`` and ``_match_cores``, the rewrites in ``_rewrite`` and ``_unpack``.
+``_match``, ``_match_cores``, ``_match_positions`` and ``_match_relative``, the rewrites in
+``_rewrite``, ``_unpack`` and ``_mask_forms``.
 """
 
 from __future__ import annotations

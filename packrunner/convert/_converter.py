@@ -24,7 +24,12 @@ converted graph adds the table row of a sample's first token itself (0 for the B
 range-indexed tables, ``padding_idx + 1`` for the RoBERTa family's ``cumsum(input_ids != pad) +
 pad``), so whoever feeds it never needs to know the kind (see
 :mod:`packrunner.convert._match_positions`: only the table summed into the word embeddings is
-ever rewritten). All token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and
+ever rewritten). Relative-position buckets (DeBERTa-v3, MPNet's bias) and rotary angles
+(ModernBERT) depend on ``i - j`` only and stay valid on the whole packed row: they are checked,
+kept, and ``position_ids`` is then an input nothing reads (see
+:mod:`packrunner.convert._match_relative`); masks beyond a padding bias (masked_fill, a
+sliding-window band in the same operand, ``embeddings * mask``) are handled by
+:mod:`packrunner.convert._mask_forms`. All token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and
 every output has a static shape. A conversion is returned only after it passed its own
 equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal to the original's
 on each sample alone, else :class:`ConversionError`.
