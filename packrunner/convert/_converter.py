@@ -29,10 +29,10 @@ ever rewritten). Relative-position buckets (DeBERTa-v3, MPNet's bias) and rotary
 kept, and ``position_ids`` is then an input nothing reads (see
 :mod:`packrunner.convert._match_relative`); masks beyond a padding bias (masked_fill, a
 sliding-window band in the same operand, ``embeddings * mask``) are handled by
-:mod:`packrunner.convert._mask_forms`. All token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and
-every output has a static shape. A conversion is returned only after it passed its own
-equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal to the original's
-on each sample alone, else :class:`ConversionError`.
+:mod:`packrunner.convert._mask_forms`. All token inputs are int32 ``[batch_size, seq_len]``
+(packrunner's feeds) and every output has a static shape. A conversion is returned only after
+it passed its own equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal
+to the original's on each sample alone, else :class:`ConversionError`.
 
 The subgraphs are found by data flow, not by node names (PopRT's example deletes ``Shape_7``,
 ``Gather_9``... by name, which breaks with the next exporter version). The finders (``_match``,
