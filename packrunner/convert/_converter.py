@@ -362,7 +362,7 @@ def _convert(
     # One normalisation first, so the one mask-site finder also matches masked_fill exports.
     where_masks = additive_where_masks(view, opset=opset)
     embeddings = find_embedding_sum(view)
-    invariant = find_row_invariant_positions(proto, view)
+    invariant = find_row_invariant_positions(proto, view, embeddings)
     lookup = find_position_lookup(
         proto,
         view,

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from packrunner.convert._match_positions import PositionKind
+from packrunner.convert._match_positions import EmbeddingSum, PositionKind
 from packrunner.graphs import GraphView, evaluate
 
 __all__ = ["RowInvariantPositions", "find_row_invariant_positions"]
@@ -40,6 +40,8 @@ _GATHERS = frozenset({"Gather", "GatherElements"})
 _ANGLES = frozenset({"Sin", "Cos"})
 # Rotary angles are float32 products: row p must be p * row 1 to this relative precision.
 _ANGLE_RTOL = 1e-5
+# How far a sinusoid summed into the embeddings (absolute positions) may be from the sum.
+_REACH_DEPTH = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +88,15 @@ def _count(names: tuple[str, ...], what: str) -> str:
 
 
 def find_row_invariant_positions(
-    model: onnx.ModelProto, view: GraphView
+    model: onnx.ModelProto, view: GraphView, embeddings: EmbeddingSum
 ) -> RowInvariantPositions | None:
     """The relative-bucket gathers and rotary angles of ``view``, checked; None if neither.
 
     Args:
         model: The model of ``view`` (its opsets, for evaluation).
         view: The export's graph (dynamic ``[batch, sequence]`` inputs).
+        embeddings: Its embedding sum: sinusoids summed into it are absolute positions, not
+            rotary ones, and are never taken for row-invariant.
     """
     relative = [
         node.output[0]
@@ -102,7 +106,8 @@ def find_row_invariant_positions(
     rotary = [
         node.output[0]
         for node in _shape_computed(view, _ANGLES, slot=0)
-        if _is_linear_in_position(model, view, node.input[0])
+        if not _reaches(view, node.output[0], embeddings.adds)
+        and _is_linear_in_position(model, view, node.input[0])
     ]
     if not relative and not rotary:
         return None
@@ -121,6 +126,16 @@ def _shape_computed(view: GraphView, ops: frozenset[str], *, slot: int) -> Itera
         name = node.input[slot]
         if view.constant(name) is None and not view.value_deps(name):
             yield node
+
+
+def _reaches(view: GraphView, tensor: str, targets: frozenset[str]) -> bool:
+    """Whether ``tensor``'s values flow into one of ``targets`` within a few nodes."""
+    frontier = [tensor]
+    for _ in range(_REACH_DEPTH):
+        frontier = [o for t in frontier for n in view.consumers(t) for o in n.output if o]
+        if targets.intersection(frontier):
+            return True
+    return False
 
 
 def _probe(
