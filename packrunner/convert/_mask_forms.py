@@ -5,10 +5,10 @@ adds its padding mask to the scores (:func:`packrunner.convert._match.find_mask_
 export shapes need more than that, each handled here:
 
 * **masked_fill** (DeBERTa): ``Where(not mask, finfo.min, scores)`` instead of an ``Add``.
-  :func:`additive_where_masks` rewrites it, before the finders run, into the equivalent
-  ``Add(scores, Where(not mask, finfo.min, 0))`` (a masked score is ``finfo.min`` either way, up
-  to the scores' own rounding at that magnitude; both give it weight exactly 0), so the one
-  mask-site finder matches it.
+  :func:`additive_where_masks` rewrites it, before the finders run, into
+  ``Add(scores, Where(not mask, MASK_BIAS, 0))``: a masked key gets weight exactly 0 either way,
+  so every query with an allowed key gets the same result; a query with none (padding) gets a
+  finite row either way. The one mask-site finder then matches it.
 * **a band in the same operand** (ModernBERT's sliding-window layers): the operand that depends on
   ``attention_mask`` also holds ``-inf`` outside ``|i - j| <= window / 2``. Replacing it would
   drop the band; :func:`find_mask_structure` computes the operand with a mask of ones (what is
@@ -53,7 +53,7 @@ _SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
 def additive_where_masks(view: GraphView, *, opset: int) -> int:
-    """Rewrite ``Where(mask cond, fill, scores)`` as ``Add(scores, Where(cond, fill, 0))``.
+    """Rewrite ``Where(mask cond, fill, scores)`` as ``Add(scores, Where(cond, MASK_BIAS, 0))``.
 
     Only a ``Where`` feeding a ``Softmax`` (through casts), whose condition depends on
     ``attention_mask`` alone and whose other branch is a large negative scalar constant.
@@ -76,7 +76,10 @@ def additive_where_masks(view: GraphView, *, opset: int) -> int:
             if view.value_deps(scores) <= _MASK_ONLY:
                 continue
             zero = emit.const(np.zeros((), fill.dtype), fill.dtype, "zero")
-            branches = [node.input[1], zero] if fill_slot == 1 else [zero, node.input[2]]
+            # finfo.min added to a score could overflow to -inf (fp16): a fully masked row would
+            # then be NaN, not uniform. MASK_BIAS still gives masked keys weight exactly 0.
+            bias_value = emit.const(MASK_BIAS, fill.dtype, "mask_bias")
+            branches = [bias_value, zero] if fill_slot == 1 else [zero, bias_value]
             bias = emit.op("Where", [cond, *branches], "bias")
             node.op_type = "Add"
             del node.input[:]

@@ -21,12 +21,16 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
 from packrunner import PackRunner, RunnerConfig
 from packrunner.config import PackAlgorithm
 from packrunner.convert import ConversionError, convert_file, convert_to_packed, explain
 from packrunner.convert import _converter as converter_module
+from packrunner.convert._match_positions import PositionKind, find_embedding_sum
+from packrunner.convert._match_relative import find_row_invariant_positions
 from packrunner.devices.onnx import OnnxDevice
+from packrunner.graphs import GraphView
 from tests._support import Sample
 from tests._support import pack_first_fit as pack
 
@@ -238,3 +242,51 @@ def test_engine_runs_converted_model(tmp_path: Path, encoder: str) -> None:
     for sample, result in zip(samples, results, strict=True):
         reference = run_alone(original, sample)["last_hidden_state"][0]
         np.testing.assert_allclose(result["last_hidden_state"], reference, rtol=0, atol=TOLERANCE)
+
+
+def _sinusoid_model(combine: str) -> onnx.ModelProto:
+    """Word embeddings combined (``Add`` or ``Mul``) with ``sin(position * frequency)``."""
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.normal(size=(10, 4)).astype(np.float32), "words"),
+        numpy_helper.from_array(np.array([1.0, 0.1, 0.01, 0.001], np.float32), "frequency"),
+        *(
+            numpy_helper.from_array(np.array(v, dtype=np.int64), n)
+            for n, v in (("zero", 0), ("one", 1), ("axis0", [0]), ("axis2", [2]))
+        ),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Range", ["zero", "length", "one"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "axis0"], ["pos2d"]),
+        helper.make_node("Cast", ["pos2d"], ["pos_f"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["pos_f", "axis2"], ["pos3d"]),
+        helper.make_node("Mul", ["pos3d", "frequency"], ["angles"]),
+        helper.make_node("Sin", ["angles"], ["sinusoid"]),
+        helper.make_node("Gather", ["words", "input_ids"], ["w"]),
+        helper.make_node(combine, ["w", "sinusoid"], ["hidden"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+            for n in ("input_ids", "attention_mask")
+        ],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "sequence", 4])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_sinusoid_summed_into_embeddings_is_not_rotary() -> None:
+    # Rotating by the angles (Mul) is row-invariant in attention; adding them to the embeddings
+    # is an absolute position encoding, which a packed row would shift: never taken for rotary.
+    for combine, found in (("Mul", PositionKind.ROTARY), ("Add", None)):
+        model = _sinusoid_model(combine)
+        view = GraphView(model.graph)
+        invariant = find_row_invariant_positions(model, view, find_embedding_sum(view))
+        assert (invariant and invariant.kind) == found
+    with pytest.raises(ConversionError, match="no position-embedding lookup found"):
+        convert_to_packed(_sinusoid_model("Add"), form="padded", batch_size=2, seq_len=8)
