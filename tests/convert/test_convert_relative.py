@@ -2,7 +2,8 @@
 
 The fixtures (``tests/fixtures/make_tiny_hf_relative.py``) have no position table: DeBERTa-v3
 reads log-bucketed relative positions (c2p / p2c), ModernBERT rotates Q and K and bands every
-other layer to a 16-token sliding window (``SEQ`` is longer, so the band matters). Both depend on
+other layer to a 16-token sliding window (``SEQ`` is longer, so the band matters); a DeBERTa-v2
+variant clips linear relative positions at +-16 and sums an absolute table as well. Both depend on
 ``i - j`` only, so the converter keeps the row's positions and replaces only the mask (adding
 ModernBERT's band back). Every sample length ``1 .. SEQ`` is run packed through the converted
 graph and compared with the *unconverted* export run on that sample alone; negative controls show
@@ -39,6 +40,8 @@ from ._support import run_single as run_alone
 
 # fixture -> (position kind, what --explain says about it)
 ENCODERS = {
+    # Clipped linear relative positions and an absolute table as well.
+    "tiny_hf_debertav2_clipped": ("range", "relative buckets (row-invariant)"),
     "tiny_hf_debertav3_eager": ("relative", "relative buckets (row-invariant)"),
     "tiny_hf_debertav3_dynamo": ("relative", "relative buckets (row-invariant)"),
     "tiny_hf_modernbert_sdpa": ("rotary", "rotary (row-invariant)"),
@@ -46,10 +49,11 @@ ENCODERS = {
     "tiny_hf_modernbert_dynamo": ("rotary", "rotary (row-invariant)"),
 }
 MODERNBERT = sorted(name for name in ENCODERS if "modernbert" in name)
-DEBERTA = sorted(name for name in ENCODERS if "deberta" in name)
+DEBERTA = sorted(name for name in ENCODERS if "debertav3" in name)
 # Why each unpack/repack conversion is refused: the position terms (rotary cos/sin, relative
 # embeddings) are computed once on the [B, S] row, outside the attention blocks.
 UNPACK_REFUSED = {
+    "tiny_hf_debertav2_clipped": "no probabilities @ V MatMul",
     "tiny_hf_debertav3_eager": "no probabilities @ V MatMul",
     "tiny_hf_debertav3_dynamo": "no probabilities @ V MatMul",
     "tiny_hf_modernbert_sdpa": "cannot trace the attention query",
@@ -136,10 +140,12 @@ def test_position_kind_is_stated(encoder: str) -> None:
     assert props["packrunner.positions"] == f"kind={kind};offset=0"
     assert f"positions: {stated}" in explain(packed)
     assert "self-check: packed vs each sample alone" in explain(packed)
-    # The positions are kept as exported: position_ids is declared (the runner feeds every
-    # packed model) but read by nothing.
-    assert "position_ids" in [i.name for i in packed.graph.input]
-    assert not [n for n in packed.graph.node if "position_ids" in n.input]
+    assert "position_ids" in [i.name for i in packed.graph.input]  # the runner feeds it
+    readers = [n for n in packed.graph.node if "position_ids" in n.input]
+    if kind in ("relative", "rotary"):  # positions kept as exported: nothing reads the input
+        assert not readers
+    else:  # the absolute table summed into the embeddings reads it
+        assert readers
 
 
 def test_modernbert_band_is_kept() -> None:
