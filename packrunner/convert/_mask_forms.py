@@ -124,14 +124,18 @@ def find_mask_structure(
 ) -> dict[str, npt.NDArray[np.generic]]:
     """Per site (by ``add``), the part of its mask operand that is not from ``attention_mask``.
 
-    Computed with a mask of ones on one row of ``seq_len`` tokens; clamped to ``MASK_BIAS``.
-    Sites whose operand is then all zero (a plain padding mask) are left out.
+    Computed with a mask of ones on one row of ``seq_len`` tokens (or the export's own static
+    shape, if it has one); clamped to ``MASK_BIAS``. Sites whose operand is then all zero (a
+    plain padding mask) are left out.
     """
     feeds: dict[str, npt.NDArray[np.generic]] = {}
     for graph_input in view.graph.input:
         if view.is_graph_input(graph_input.name):
-            dtype = helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
-            feeds[graph_input.name] = np.ones((1, seq_len), dtype=dtype)
+            tensor_type = graph_input.type.tensor_type
+            static = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+            rows, length = static if len(static) == 2 else (0, 0)
+            dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            feeds[graph_input.name] = np.ones((rows or 1, length or seq_len), dtype=dtype)
     operands = []
     for site in sites:
         add = view.producer(site.add)
