@@ -30,10 +30,15 @@ converted graph adds the table row of a sample's first token itself (0 for the B
 range-indexed tables, ``padding_idx + 1`` for the RoBERTa family's ``cumsum(input_ids != pad) +
 pad``), so whoever feeds it never needs to know the kind (see
 :mod:`packrunner.convert._match_positions`: only the table summed into the word embeddings is
-ever rewritten). All token inputs are int32 ``[batch_size, seq_len]`` (packrunner's feeds) and
-every output has a static shape. A conversion is returned only after it passed its own
-equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal to the original's
-on each sample alone, else :class:`ConversionError`.
+ever rewritten). Relative-position buckets (DeBERTa-v3, MPNet's bias) and rotary angles
+(ModernBERT) depend on ``i - j`` only and stay valid on the whole packed row: they are checked,
+kept, and ``position_ids`` is then an input nothing reads (see
+:mod:`packrunner.convert._match_relative`); masks beyond a padding bias (masked_fill, a
+sliding-window band in the same operand, ``embeddings * mask``) are handled by
+:mod:`packrunner.convert._mask_forms`. All token inputs are int32 ``[batch_size, seq_len]``
+(packrunner's feeds) and every output has a static shape. A conversion is returned only after
+it passed its own equivalence check (:mod:`packrunner.convert._selfcheck`): packed outputs equal
+to the original's on each sample alone, else :class:`ConversionError`.
 
 Attention computed by one node (the ONNX ``Attention`` op, onnxruntime's fused ``Attention`` /
 ``MultiHeadAttention``) takes the same bias through the op's additive mask input
@@ -66,13 +71,19 @@ import onnx
 
 # onnx.load raises protobuf's DecodeError for a file that is not a model; protobuf ships no stubs.
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
-from onnx import helper, shape_inference, version_converter
+from onnx import TensorProto, helper, shape_inference, version_converter
 
 from packrunner.config import InputForm
 from packrunner.convert._attention_ops import (
     attention_op_nodes,
     find_attention_ops,
     use_block_diagonal_bias_in_ops,
+)
+from packrunner.convert._mask_forms import (
+    add_mask_structure,
+    additive_where_masks,
+    binary_mask_reads,
+    find_mask_structure,
 )
 from packrunner.convert._match import (
     PACKED_INPUT_NAMES,
@@ -92,6 +103,10 @@ from packrunner.convert._match_positions import (
     PositionLookup,
     find_embedding_sum,
     find_position_lookup,
+)
+from packrunner.convert._match_relative import (
+    RowInvariantPositions,
+    find_row_invariant_positions,
 )
 from packrunner.convert._pooling import expose_hidden, pool_per_segment, pool_per_slot
 from packrunner.convert._precision import Precision, to_float16
@@ -389,18 +404,32 @@ def _convert(
     # Find. Nothing is edited until every pattern the form needs was found.
     inputs = find_inputs(view)
     refuse_fused_ops(view, handled=attention_op_nodes(view))
+    # One normalisation first, so the one mask-site finder also matches masked_fill exports.
+    where_masks = additive_where_masks(view, opset=opset)
     attention_ops = find_attention_ops(proto, view, types, seq_len=seq_len)
     embeddings = find_embedding_sum(view)
+    invariant = find_row_invariant_positions(proto, view, embeddings)
     lookup = find_position_lookup(
-        proto, view, embeddings, seq_len=seq_len, position_offset=position_offset
+        proto,
+        view,
+        embeddings,
+        seq_len=seq_len,
+        position_offset=position_offset,
+        absent_ok=invariant is not None,
     )
-    notes = [
-        f"positions: {lookup.kind.value} lookup {lookup.gather!r} over {lookup.table!r} "
-        f"[{lookup.rows}, {embeddings.hidden}]: {lookup.reason}",
-        f"rewrote: {lookup.table!r} now reads position_ids"
-        + (f" + {lookup.offset}" if lookup.offset else "")
-        + " (position_ids: 0..L-1 per sample)",
-    ]
+    notes = []
+    if lookup is not None:
+        notes += [
+            f"positions: {lookup.kind.value} lookup {lookup.gather!r} over {lookup.table!r} "
+            f"[{lookup.rows}, {embeddings.hidden}]: {lookup.reason}",
+            f"rewrote: {lookup.table!r} now reads position_ids"
+            + (f" + {lookup.offset}" if lookup.offset else "")
+            + " (position_ids: 0..L-1 per sample)",
+        ]
+    if invariant is not None:
+        notes += invariant.notes()
+    if where_masks:
+        notes.append(f"rewrote: {where_masks} masked_fill masks (Where) as additive masks")
     # A padded model keeps the exported mask; an unpack/repack one needs its sites on the static
     # graph, so a graph without them fails here, before any edit.
     sites = (
@@ -410,6 +439,12 @@ def _convert(
         raise ConversionError(
             f"cannot unpack/repack attention computed by {attention_ops[0].label} ops yet; "
             "convert with form='packed'"
+        )
+    bands = find_mask_structure(proto, view, sites, seq_len=seq_len)
+    if bands:
+        notes.append(
+            f"kept: a band of its own (sliding window) in the mask of {len(bands)} of "
+            f"{len(sites)} attention layers, added to the new bias"
         )
     kinds = classify_outputs(view, types, inputs)
     poolings = _find_poolings(proto, view, kinds, form, keep_row_outputs, lookup, embeddings, notes)
@@ -424,6 +459,7 @@ def _convert(
     ours: set[str] = set()
     if form is InputForm.PACKED:
         ours = use_block_diagonal_bias(view, sites, opset=opset)
+        add_mask_structure(view, sites, bands, opset=opset)
         ours |= use_block_diagonal_bias_in_ops(view, attention_ops, opset=opset)
         if sites:
             notes.append(
@@ -449,7 +485,12 @@ def _convert(
         )
     elif poolings:
         exposed = expose_hidden(view, poolings, batch_size=batch_size, seq_len=seq_len)
-    ours |= expose_position_ids(view, lookup, opset=opset)
+    if lookup is not None:
+        ours |= expose_position_ids(view, lookup, opset=opset)
+    else:  # the runner feeds positions to every packed model; these need none
+        view.graph.input.append(
+            helper.make_tensor_value_info("position_ids", TensorProto.INT32, [None, None])
+        )
     rerouted = reroute_shape_reads(view, "attention_mask", "input_ids")
     if rerouted:
         notes.append(f"rewrote: {rerouted} shape-only reads of attention_mask read input_ids")
@@ -463,6 +504,10 @@ def _convert(
     view.toposort()  # prune() sweeps in topological order
     view.prune()
     if form is InputForm.PACKED:
+        binary = binary_mask_reads(view, ours, opset=opset)
+        if binary:
+            notes.append("rewrote: token-wise reads of attention_mask read segment ids > 0")
+        ours |= binary
         require_mask_replaced(view, ours, "; those uses would read segment ids as a 0/1 mask")
     retype_inputs(view, batch_size=batch_size, seq_len=seq_len, ours=ours)
     set_static_output_shapes(proto, types, inputs, batch_size=batch_size, seq_len=seq_len)
@@ -499,6 +544,7 @@ def _convert(
             opset=opset,
             per_sample=_head_outputs(poolings),
         )
+        add_mask_structure(view, sites, bands, opset=opset)
         if poolings:
             pool_per_slot(view, poolings, exposed, max_valid_num=max_valid_num, opset=opset)
             notes.append(
@@ -519,13 +565,15 @@ def _convert(
         notes.append(f"rewrote: {len(cores)} attention blocks run per sample slot")
     props = {p.key: p.value for p in proto.metadata_props}
     props["packrunner.packed"] = description
-    props["packrunner.positions"] = f"kind={lookup.kind.value};offset={lookup.offset}"
+    positions = lookup or invariant
+    assert positions is not None  # find_position_lookup raised otherwise
+    props["packrunner.positions"] = f"kind={positions.kind.value};offset={positions.offset}"
     kept = {name: kind for name, kind in kinds.items() if name not in dropped}
     props[LAYOUTS_METADATA_KEY] = format_output_layouts(
         {name: output_layout(kind, form) for name, kind in kept.items()}
     )
     helper.set_model_props(proto, props)
-    return _Found(lookup, embeddings.vocab_size, kept, notes)
+    return _Found(positions, embeddings.vocab_size, kept, notes)
 
 
 def _find_poolings(
@@ -534,7 +582,7 @@ def _find_poolings(
     kinds: dict[str, OutputKind],
     form: InputForm,
     keep_row_outputs: bool,
-    lookup: PositionLookup,
+    lookup: PositionLookup | None,
     embeddings: EmbeddingSum,
     notes: list[str],
 ) -> list[Pooling]:
@@ -549,7 +597,11 @@ def _find_poolings(
         return []
     try:
         poolings = find_pooling(
-            proto, view, rows, vocab_size=embeddings.vocab_size, pad_token=lookup.pad_token
+            proto,
+            view,
+            rows,
+            vocab_size=embeddings.vocab_size,
+            pad_token=lookup.pad_token if lookup else None,
         )
     except ConversionError as exc:
         if len(rows) == len(kinds):
@@ -570,7 +622,7 @@ def _head_outputs(poolings: list[Pooling]) -> list[str]:
 class _Found:
     """What the driver matched, for the self-check and ``--explain``."""
 
-    lookup: PositionLookup
+    lookup: PositionLookup | RowInvariantPositions
     vocab_size: int
     outputs: dict[str, OutputKind]
     notes: list[str]

@@ -56,11 +56,16 @@ class PositionKind(enum.Enum):
         PADDING_OFFSET: ``cumsum(input_ids != pad) + pad`` (RoBERTa family, MPNet): a sample's
             first token reads row ``pad + 1``.
         INPUT: the export takes ``position_ids`` as an input.
+        RELATIVE: no table; relative-position buckets of ``i - j`` only (DeBERTa-v2/v3), see
+            :mod:`packrunner.convert._match_relative`.
+        ROTARY: no table; rotary angles of the position (ModernBERT), ditto.
     """
 
     RANGE = "range"
     PADDING_OFFSET = "padding_offset"
     INPUT = "input"
+    RELATIVE = "relative"
+    ROTARY = "rotary"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +146,8 @@ def find_position_lookup(
     *,
     seq_len: int,
     position_offset: int | None = None,
-) -> PositionLookup:
+    absent_ok: bool = False,
+) -> PositionLookup | None:
     """The one position lookup of the embedding sum, its kind and offset, checked by evaluation.
 
     Args:
@@ -153,6 +159,8 @@ def find_position_lookup(
             ``position_ids`` input (which carry no trace of it). None: 0, or ``r + 1`` when row
             ``r < 4`` of the table is all zeros (``nn.Embedding``'s padding row, as in
             RoBERTa-family checkpoints). For other kinds it must match what is found.
+        absent_ok: Return None instead of failing when no table is summed into the embeddings
+            (the positions are relative or rotary, found elsewhere).
 
     Raises:
         ConversionError: No lookup, or more than one, satisfies every check; or the table is too
@@ -175,6 +183,8 @@ def find_position_lookup(
             rejected.append(f"{name}: indices are not positions")
         else:
             found.append(lookup)
+    if not found and absent_ok:
+        return None
     if not found:
         raise ConversionError(
             "no position-embedding lookup found: expected a Gather over a constant "
@@ -182,7 +192,7 @@ def find_position_lookup(
             "indices are 0..L-1 (a Range or position buffer), cumsum(input_ids != pad) + pad "
             "(RoBERTa family) or a position_ids input"
             + (f"; summed tables that are not: {rejected}" if rejected else "")
-            + " (rotary or relative-only position encodings are not supported)"
+            + " (nor relative-position buckets or rotary angles of i - j only)"
         )
     if len(found) > 1:
         raise ConversionError(

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from packrunner.config import InputForm
 from packrunner.convert._match import OutputKind, output_layout
 from packrunner.convert._match_positions import PositionKind, PositionLookup
+from packrunner.convert._match_relative import RowInvariantPositions
 from packrunner.convert._precision import FP32_TOLERANCE
 from packrunner.devices.base import OutputSpec
 from packrunner.errors import ConversionError
@@ -66,7 +67,7 @@ def check_equivalence(
     batch_size: int,
     seq_len: int,
     max_valid_num: int,
-    lookup: PositionLookup,
+    lookup: PositionLookup | RowInvariantPositions,
     vocab_size: int,
     outputs: Mapping[str, OutputKind],
     tolerance: float = FP32_TOLERANCE,
@@ -151,7 +152,7 @@ def _token_values(name: str, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int32
 def _single_feeds(
     ids: npt.NDArray[np.int64],
     inputs: Mapping[str, tuple[str, list[object]]],
-    lookup: PositionLookup,
+    lookup: PositionLookup | RowInvariantPositions,
 ) -> dict[str, npt.NDArray[np.generic]]:
     """The original's feeds for one sample alone: batch 1, its own length.
 
