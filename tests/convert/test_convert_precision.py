@@ -272,6 +272,7 @@ def test_fp16_self_check_refuses_wrong_positions(monkeypatch: pytest.MonkeyPatch
 
     def off_by_one(*args: object, **kwargs: object) -> PositionLookup:
         lookup = found(*args, **kwargs)  # type: ignore[arg-type]
+        assert lookup is not None  # RoBERTa has a position table
         return dataclasses.replace(lookup, offset=lookup.offset + 1)
 
     monkeypatch.setattr(converter_module, "find_position_lookup", off_by_one)
