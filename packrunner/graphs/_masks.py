@@ -53,13 +53,19 @@ def block_diagonal_bias(
     return emit.with_axes("Unsqueeze", bias, [1], "bias_4d")  # broadcasts over heads
 
 
-def padding_bias(emit: NodeEmitter, mask: str, *, batch_size: int, seq_len: int) -> str:
+def padding_bias(
+    emit: NodeEmitter, mask: str, *, batch_size: int | None, seq_len: int | None
+) -> str:
     """Float ``[B, 1, 1, S]`` bias ``(1 - mask) * MASK_BIAS`` of a 0/1 padding mask.
 
     Hugging Face's extended attention mask, for :attr:`~packrunner.InputForm.PADDED` models.
+    ``batch_size`` / ``seq_len`` None: the mask's dims are dynamic, and the bias takes them
+    from the mask (an Unsqueeze rather than a Reshape to a constant shape).
     """
     mask_f = emit.op("Cast", [mask], "mask_f", to=TensorProto.FLOAT)
     inverted = emit.op("Sub", [emit.const(1.0, np.float32, "one"), mask_f], "inverted")
     bias = emit.op("Mul", [inverted, emit.const(MASK_BIAS, np.float32, "drop")], "bias")
+    if batch_size is None or seq_len is None:
+        return emit.with_axes("Unsqueeze", bias, [1, 2], "bias_4d")
     shape = emit.const([batch_size, 1, 1, seq_len], np.int64, "bias_shape")
     return emit.op("Reshape", [bias, shape], "bias_4d")

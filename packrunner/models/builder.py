@@ -14,6 +14,11 @@ One set of weights, one graph per :class:`~packrunner.InputForm`:
     to back and may cross row boundaries; ``unpack_info`` lists their lengths. Token-wise layers
     run on the stream, attention runs on a per-sample ``[max_valid_num, seq_len]`` unpacked view.
 
+``dynamic=True`` builds the packed and padded forms with symbolic ``batch`` and ``seq`` input
+dims instead: every shape is then computed from ``Shape(input_ids)`` (or a ``-1`` reshape), so
+one model serves any ``[rows, width]`` batch up to ``seq_len`` wide, computing exactly what the
+fixed build of that shape computes (same ops on the same values).
+
 The attention biases and the stream index come from :mod:`packrunner.graphs`, the same code the
 converter rewrites exported models with. All graphs are fp32, use only standard ``ai.onnx`` ops
 (opset >= 17 for LayerNormalization) and are checked with
@@ -119,6 +124,41 @@ def _gelu(e: NodeEmitter, x: str) -> str:
     return e.op("Mul", [e.op("Mul", [x, one_plus]), e.const(0.5, np.float32, "half")])
 
 
+class _Shapes:
+    """Reshape targets of one build: constants at a fixed shape, computed ones when dynamic.
+
+    A dynamic build takes ``[rows, seq]`` from ``Shape(input_ids)`` once and concatenates the
+    fixed trailing dims to it; flattened ``[tokens, ...]`` targets use ``-1``.
+    """
+
+    def __init__(self, e: NodeEmitter, *, rows: int, seq_len: int, dynamic: bool) -> None:
+        self._e, self.rows, self.seq_len = e, rows, seq_len
+        self._batch = e.op("Shape", ["input_ids"], "batch_shape") if dynamic else None
+
+    @property
+    def dynamic(self) -> bool:
+        return self._batch is not None
+
+    def batch(self, *trailing: int) -> str:
+        """``[rows, seq_len, *trailing]``."""
+        if self._batch is None:
+            return self._e.const([self.rows, self.seq_len, *trailing], np.int64, "shape")
+        tail = self._e.const(list(trailing), np.int64, "shape_tail")
+        return self._e.op("Concat", [self._batch, tail], "shape", axis=0)
+
+    def flat(self, *trailing: int) -> str:
+        """``[rows * seq_len, *trailing]``."""
+        tokens = -1 if self._batch is not None else self.rows * self.seq_len
+        return self._e.const([tokens, *trailing], np.int64, "shape")
+
+    def width(self) -> str:
+        """``[seq_len]`` as a 1-D int64 tensor (for Slice ends)."""
+        if self._batch is None:
+            return self._e.const([self.seq_len], np.int64, "seq_len")
+        one, two = (self._e.const([v], np.int64, "index") for v in (1, 2))
+        return self._e.op("Slice", [self._batch, one, two], "seq_len")
+
+
 def _attention_core(
     e: NodeEmitter,
     q: str,
@@ -129,6 +169,7 @@ def _attention_core(
     rows: int,
     config: BertConfig,
     seq_len: int,
+    shapes: _Shapes | None = None,
 ) -> str:
     """Multi-head scaled dot-product attention over ``rows`` independent sequences.
 
@@ -141,12 +182,17 @@ def _attention_core(
         rows: Number of sequences.
         config: Model hyper-parameters.
         seq_len: Tokens per sequence.
+        shapes: The batch's dynamic shapes, when the sequences are the ``[rows, seq]`` batch
+            rows of a dynamic build (None: ``rows`` and ``seq_len`` are fixed).
 
     Returns:
         The context vectors, ``[rows * seq_len, H]``.
     """
     nh, d, h = config.num_heads, config.head_dim, config.hidden_size
-    split = e.const([rows, seq_len, nh, d], np.int64, "shape")
+    dynamic = shapes is not None and shapes.dynamic
+    split = shapes.batch(nh, d) if shapes is not None and dynamic else None
+    if split is None:
+        split = e.const([rows, seq_len, nh, d], np.int64, "shape")
 
     def heads(x: str, perm: list[int]) -> str:
         return e.op("Transpose", [e.op("Reshape", [x, split])], perm=perm)
@@ -161,7 +207,8 @@ def _attention_core(
     probs = e.op("Softmax", [e.op("Add", [scores, bias])], axis=-1)
     context = e.op("MatMul", [probs, v4])  # [R, nh, S, d]
     context = e.op("Transpose", [context], perm=[0, 2, 1, 3])  # [R, S, nh, d]
-    return e.op("Reshape", [context, e.const([rows * seq_len, h], np.int64, "shape")])
+    merged = -1 if dynamic else rows * seq_len
+    return e.op("Reshape", [context, e.const([merged, h], np.int64, "shape")])
 
 
 def _validate(
@@ -211,8 +258,9 @@ def build_bert_onnx(
     max_valid_num: int = 40,
     head: Head = "qa",
     opset: int = MIN_OPSET,
+    dynamic: bool = False,
 ) -> onnx.ModelProto:
-    """Build a static-shape fp32 BERT ONNX model of one input form.
+    """Build a static-shape (or, with ``dynamic``, dynamic-axes) fp32 BERT ONNX model.
 
     Inputs (all ``int32``): ``input_ids``, ``token_type_ids`` ``[batch_size, seq_len]`` always;
     ``position_ids`` ``[batch_size, seq_len]`` for ``packed`` and ``unpack_repack``;
@@ -247,27 +295,37 @@ def build_bert_onnx(
             ``sentence_embedding``; segment ids above it are left out of that output).
         head: ``"qa"`` (span logits, needs ``qa_outputs.*`` weights) or ``"encoder"``.
         opset: Default-domain opset, at least 17.
+        dynamic: Give the ``[batch_size, seq_len]`` inputs and outputs symbolic dims ``batch``
+            and ``seq`` (packed and padded forms only): one model runs any batch shape, up to
+            ``seq_len`` tokens wide (the positions the padded form's graph holds), with exactly
+            the fixed build's computation at each shape. ``batch_size`` is then only recorded
+            in the doc string.
 
     Returns:
         The checked model.
 
     Raises:
-        ValueError: On an unknown form/head, non-positive sizes or unsupported opset.
+        ValueError: On an unknown form/head, non-positive sizes, unsupported opset, or
+            ``dynamic`` with the unpack_repack form (its stream index is fixed-size).
         ModelFormatError: If the weights do not match ``config`` or lack a needed QA head.
     """
     form = InputForm.parse(form)
     # No defensive copy: every array is serialized into its own TensorProto right away.
     w = normalize_weights(config, weights, copy=False)
     _validate(config, w, head, batch_size, seq_len, max_valid_num, opset)
+    if dynamic and form is InputForm.UNPACK_REPACK:
+        raise ValueError("dynamic=True builds the packed and padded forms only")
     b, s, m, h = batch_size, seq_len, max_valid_num, config.hidden_size
-    n = b * s
     eps = config.layer_norm_eps
     graph = onnx.GraphProto(name=f"bert_{form}_{head}")
     e = NodeEmitter(GraphView(graph), opset=opset)
+    # The [B, S] dims as they appear on value infos: symbols when dynamic.
+    batch_dims: list[int | str] = ["batch", "seq"] if dynamic else [b, s]
 
     for name in _INPUTS[form]:
-        shape = [m] if name == UNPACK_INFO else [b, s]
+        shape = [m] if name == UNPACK_INFO else batch_dims
         graph.input.append(onnx.helper.make_tensor_value_info(e.view.reserve(name), _INT32, shape))
+    shapes = _Shapes(e, rows=b, seq_len=s, dynamic=dynamic)
 
     # --- Embeddings: (word + token_type) + position, in Hugging Face's summation order. ---
     def embedding(table: str, ids: str) -> str:
@@ -279,6 +337,9 @@ def build_bert_onnx(
     if form is InputForm.PADDED:
         # [S, H], broadcast over rows: every row starts at position 0.
         positions = e.const(np.arange(s) + offset, np.int32, "positions")
+        if dynamic:  # the first `width` of them
+            zero = e.const([0], np.int64, "index")
+            positions = e.op("Slice", [positions, zero, shapes.width()], "positions")
     else:
         positions = "position_ids"  # [B, S]: 0..L-1 per sample
         if offset:
@@ -287,7 +348,7 @@ def build_bert_onnx(
     x = e.op("Add", [e.op("Add", [word, token_type]), position])
     # The encoder works on a 2-D [tokens, H] stream: Gemm needs 2-D input, LayerNorm and FFN are
     # token-wise anyway, and unpack_repack's stream is naturally flat.
-    x = e.op("Reshape", [x, e.const([n, h], np.int64, "shape")])
+    x = e.op("Reshape", [x, shapes.flat(h)])
     x = _layer_norm(e, x, "embeddings.LayerNorm", w, eps)
 
     # --- Attention bias (and, for unpack_repack, the stream <-> slot index maps). ---
@@ -296,7 +357,9 @@ def build_bert_onnx(
         bias = block_diagonal_bias(e, "attention_mask")
         attn_rows = b
     elif form is InputForm.PADDED:
-        bias = padding_bias(e, "attention_mask", batch_size=b, seq_len=s)
+        bias = padding_bias(
+            e, "attention_mask", batch_size=None if dynamic else b, seq_len=None if dynamic else s
+        )
         attn_rows = b
     else:
         stream = StreamIndex(e, UNPACK_INFO, batch_size=b, seq_len=s, max_valid_num=m)
@@ -313,7 +376,9 @@ def build_bert_onnx(
         )
         if stream is not None:
             q, k, v = (stream.unpack(t) for t in (q, k, v))  # [M, S, H]
-        context = _attention_core(e, q, k, v, bias, rows=attn_rows, config=config, seq_len=s)
+        context = _attention_core(
+            e, q, k, v, bias, rows=attn_rows, config=config, seq_len=s, shapes=shapes
+        )
         if stream is not None:
             context = stream.repack(context)  # back to the [N, H] stream
         attn_out = _dense(e, context, f"{p}attention.output.dense", w)
@@ -328,8 +393,8 @@ def build_bert_onnx(
         qa_weight = e.weight(QA_WEIGHT, w[QA_WEIGHT])
         logits = e.op("Gemm", [x, qa_weight, e.weight(QA_BIAS, w[QA_BIAS])], transB=1)  # [N, 2]
         if stream is None:
-            logits = e.op("Reshape", [logits, e.const([b, s, 2], np.int64, "shape")])
-            out_shape = [b, s]
+            logits = e.op("Reshape", [logits, shapes.batch(2)])
+            out_shape = batch_dims
         else:
             logits = stream.unpack_zeroed(logits, [2], _FLOAT, "logits")  # [M, S, 2]
             out_shape = [m, s]
@@ -339,7 +404,7 @@ def build_bert_onnx(
             onnx.helper.make_tensor_value_info(nm, _FLOAT, out_shape) for nm in _OUTPUTS["qa"]
         ]
     else:
-        outputs = _encoder_head(e, x, form, stream, b=b, s=s, m=m, h=h)
+        outputs = _encoder_head(e, x, form, stream, shapes, m=m, h=h)
 
     graph.node.extend(e.nodes)
     graph.output.extend(outputs)
@@ -353,7 +418,7 @@ def build_bert_onnx(
         producer_name="packrunner.models",
         doc_string=(
             f"BERT {config.num_layers}x{h} ({form}, head={head}, batch_size={b}, seq_len={s}, "
-            f"max_valid_num={m})"
+            f"max_valid_num={m}{', dynamic axes' if dynamic else ''})"
         ),
     )
     onnx.checker.check_model(model, full_check=True)
@@ -365,9 +430,8 @@ def _encoder_head(
     x: str,
     form: InputForm,
     stream: StreamIndex | None,
+    shapes: _Shapes,
     *,
-    b: int,
-    s: int,
     m: int,
     h: int,
 ) -> list[onnx.ValueInfoProto]:
@@ -378,6 +442,7 @@ def _encoder_head(
     per-segment loop.
     """
     one = e.const(1.0, np.float32, "one")
+    b, s = shapes.rows, shapes.seq_len
     if stream is not None:
         last = stream.unpack_zeroed(x, [h], _FLOAT, out="last_hidden_state")  # [M, S, H]
         member = e.op("Cast", [e.with_axes("Unsqueeze", stream.valid, [1])], to=_FLOAT)  # [M,1,S]
@@ -389,22 +454,28 @@ def _encoder_head(
             onnx.helper.make_tensor_value_info("sentence_embedding", _FLOAT, [m, h]),
         ]
 
-    hidden = e.op("Reshape", [x, e.const([b, s, h], np.int64, "shape")], out="last_hidden_state")
+    hidden = e.op("Reshape", [x, shapes.batch(h)], out="last_hidden_state")
+    rows: int | str = "batch" if shapes.dynamic else b
+    batch_dims: list[int | str] = [rows, "seq" if shapes.dynamic else s]
     if form is InputForm.PACKED:
         segment_ids = e.const(np.arange(1, m + 1).reshape(1, m, 1), np.int32, "segment_ids")
         keys = e.with_axes("Unsqueeze", "attention_mask", [1])  # [B, 1, S]
         member = e.op("Cast", [e.op("Equal", [keys, segment_ids])], to=_FLOAT)  # [B, M, S]
         counts = e.with_axes("ReduceSum", member, [2], keepdims=1)  # [B, M, 1]
         sums = e.op("MatMul", [member, hidden])  # [B, M, H]
-        pooled_shape = [b, m, h]
+        pooled_shape = [rows, m, h]
     else:
         mask_f = e.op("Cast", ["attention_mask"], to=_FLOAT)
-        member = e.op("Reshape", [mask_f, e.const([b, 1, s], np.int64, "shape")])  # [B, 1, S]
+        if shapes.dynamic:
+            member = e.with_axes("Unsqueeze", mask_f, [1])  # [B, 1, S]
+        else:
+            member = e.op("Reshape", [mask_f, e.const([b, 1, s], np.int64, "shape")])
         counts = e.with_axes("ReduceSum", mask_f, [1], keepdims=1)  # [B, 1]
-        sums = e.op("Reshape", [e.op("MatMul", [member, hidden]), e.const([b, h], np.int64)])
-        pooled_shape = [b, h]
+        rows_h = [-1 if shapes.dynamic else b, h]
+        sums = e.op("Reshape", [e.op("MatMul", [member, hidden]), e.const(rows_h, np.int64)])
+        pooled_shape = [rows, h]
     e.op("Div", [sums, e.op("Max", [counts, one])], out="sentence_embedding")
     return [
-        onnx.helper.make_tensor_value_info("last_hidden_state", _FLOAT, [b, s, h]),
+        onnx.helper.make_tensor_value_info("last_hidden_state", _FLOAT, [*batch_dims, h]),
         onnx.helper.make_tensor_value_info("sentence_embedding", _FLOAT, pooled_shape),
     ]

@@ -101,6 +101,7 @@ def default_model_path(
     max_valid_num: int = 40,
     head: Head = "qa",
     cache_dir: str | os.PathLike[str] | None = None,
+    dynamic: bool = False,
 ) -> Path:
     """Path of the default random-weight model for these build parameters, built on first use.
 
@@ -116,6 +117,8 @@ def default_model_path(
         max_valid_num: Samples per batch / segments per row (see ``build_bert_onnx``).
         head: ``"qa"`` or ``"encoder"``.
         cache_dir: Directory for the file; defaults to :func:`default_cache_dir`.
+        dynamic: Build with symbolic ``batch`` / ``seq`` dims (any shape up to ``seq_len``
+            wide; packed and padded forms), see ``build_bert_onnx``.
 
     Returns:
         Absolute path of the ``.onnx`` file.
@@ -133,6 +136,9 @@ def default_model_path(
         "opset": MIN_OPSET,
     }
     stem = f"bert-{form}-{head}-b{batch_size}-s{seq_len}-m{max_valid_num}"
+    if dynamic:  # only then, so the fixed models keep their cached files
+        params["dynamic"] = True
+        stem += "-dynamic"
 
     def build() -> onnx.ModelProto:
         return build_bert_onnx(
@@ -144,6 +150,7 @@ def default_model_path(
             max_valid_num=max_valid_num,
             head=head,
             opset=MIN_OPSET,
+            dynamic=dynamic,
         )
 
     return _cached_model(stem, params, build, cache_dir)

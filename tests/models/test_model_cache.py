@@ -47,8 +47,9 @@ def test_every_parameter_changes_the_file(tmp_path: Path) -> None:
         default_model_path("packed", batch_size=3, seq_len=16, max_valid_num=4, cache_dir=tmp_path),
         default_model_path("packed", batch_size=2, seq_len=32, max_valid_num=4, cache_dir=tmp_path),
         default_model_path("packed", batch_size=2, seq_len=16, max_valid_num=5, cache_dir=tmp_path),
+        default_model_path("packed", dynamic=True, **base),
     }
-    assert len(paths) == 7
+    assert len(paths) == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
 
