@@ -97,7 +97,9 @@ def synthetic_lengths(
         drawn = np.concatenate([short, long])
         rng.shuffle(drawn)
     else:
-        raise ValueError(f"unknown distribution {distribution!r}; choose from {list(DISTRIBUTIONS)}")
+        raise ValueError(
+            f"unknown distribution {distribution!r}; choose from {list(DISTRIBUTIONS)}"
+        )
     return [int(length) for length in drawn]
 
 
