@@ -464,12 +464,32 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
         "pad-to-longest, length-sorted window, offline sorted oracle; --device onnx)",
     )
     ours.add_argument(
+        "--modes",
+        type=_mode_names,
+        help="comma-separated throughput modes to run (online_padded and online_lookahead "
+        "always run; default: every mode the device can run)",
+    )
+    ours.add_argument(
         "--throughput-only",
         action="store_true",
         help="only the throughput modes: no closed loop, no open-loop sweep, no plots",
     )
     ours.add_argument("--no-plots", action="store_true", help="write no PNGs")
     ours.add_argument("--results-dir", default="results", help="where JSON, CSV and PNGs go")
+
+
+def _mode_names(text: str) -> list[str]:
+    """A comma-separated list of ``packrunner bench`` throughput modes."""
+    from packrunner.bench.suite import all_mode_names
+
+    known = all_mode_names()
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {unknown or [text]}; choose from {', '.join(known)}"
+        )
+    return names
 
 
 def _run_bench(args: argparse.Namespace) -> int:

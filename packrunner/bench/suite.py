@@ -36,7 +36,7 @@ from packrunner.bench.latency import Target
 from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
 from packrunner.runner import PackRunner
 
-__all__ = ["ModeResult", "knee_label", "run_bench"]
+__all__ = ["ModeResult", "all_mode_names", "knee_label", "run_bench"]
 
 ModeKind = Literal["offline", "online", "peer", "dynamic"]
 
@@ -112,8 +112,15 @@ def _config(args: argparse.Namespace, algorithm: PackAlgorithm) -> RunnerConfig:
     )
 
 
-def _modes(devices: DeviceSet, skip_peer: bool, dynamic_peers: bool) -> dict[str, ModeResult]:
-    """Every mode the device set can run, in running order."""
+#: Modes every run keeps (ratios are taken against them).
+REQUIRED_MODES = ("online_padded", PACKRUNNER)
+
+
+def _modes(
+    devices: DeviceSet, skip_peer: bool, dynamic_peers: bool, only: Sequence[str] | None = None
+) -> dict[str, ModeResult]:
+    """Every mode the device set can run, in running order (only ``only``'s and the required
+    ones, when given)."""
     modes: dict[str, ModeResult] = {}
     tables: tuple[tuple[dict[str, PackAlgorithm], ModeKind], ...] = (
         (OFFLINE_MODES, "offline"),
@@ -128,7 +135,14 @@ def _modes(devices: DeviceSet, skip_peer: bool, dynamic_peers: bool) -> dict[str
     if dynamic_peers:
         for name in DYNAMIC_MODES:
             modes[name] = ModeResult(name, "dynamic", InputForm.PADDED)
+    if only is not None:
+        modes = {n: m for n, m in modes.items() if n in only or n in REQUIRED_MODES}
     return modes
+
+
+def all_mode_names() -> list[str]:
+    """Every throughput mode's name, in running order."""
+    return [*OFFLINE_MODES, *ONLINE_MODES, PEER, *DYNAMIC_MODES]
 
 
 def run_bench(
@@ -178,7 +192,7 @@ def run_bench(
     )
     if args.dynamic_peers:
         devices.make_dynamic()  # refuses a set without the model before anything runs
-    modes = _modes(devices, args.skip_peer, args.dynamic_peers)
+    modes = _modes(devices, args.skip_peer, args.dynamic_peers, args.modes)
 
     # --- throughput modes, interleaved rounds -------------------------------------------------
     plans = {
@@ -515,13 +529,14 @@ def _print_report(
         )
     console.print(table)
     modes = payload["modes"]
-    offline = modes["offline_attention_mask"]["samples_per_batch"]
-    across_rows = modes.get("offline_unpack_repack", {}).get("samples_per_batch")
-    echo(
-        f"Offline attention-mask packing: {offline:.2f} samples per batch, token limit "
-        f"{payload['token_limit_samples_per_batch']:.2f}"
-        + (f" (offline unpack/repack {across_rows:.2f})." if across_rows else ".")
-    )
+    if "offline_attention_mask" in modes:
+        offline = modes["offline_attention_mask"]["samples_per_batch"]
+        across_rows = modes.get("offline_unpack_repack", {}).get("samples_per_batch")
+        echo(
+            f"Offline attention-mask packing: {offline:.2f} samples per batch, token limit "
+            f"{payload['token_limit_samples_per_batch']:.2f}"
+            + (f" (offline unpack/repack {across_rows:.2f})." if across_rows else ".")
+        )
     if modes["online_lookahead"]["fraction_of_ideal"] is not None:
         echo(
             "Online lookahead achieves "

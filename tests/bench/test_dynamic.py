@@ -29,6 +29,7 @@ from packrunner.models import minilm_checkpoint_dir
 
 ROWS, WIDTH, CAP = 4, 32, 8
 TOLERANCE = 1e-5
+DYNAMIC = ["dynamic_fifo", "dynamic_sorted_window", "dynamic_sorted_oracle"]
 
 
 @settings(max_examples=200, deadline=None)
@@ -163,14 +164,16 @@ def test_bench_runs_the_dynamic_peers_and_checks_them(tmp_path: Any, capsys: Any
             "bench", "--device", "onnx", "--batch-size", str(ROWS), "--seq-len", str(WIDTH),
             "--max-valid-num", str(CAP), "--iterations", "3", "--repeats", "1", "--threads", "1",
             "--distribution", "short", "--dynamic-peers", "--throughput-only", "--skip-peer",
+            "--modes", f"original,{','.join(DYNAMIC)}",
             "--quiet", "--json", "--results-dir", str(tmp_path),
         ]
     )  # fmt: skip
     assert code == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["distribution"] == "short"
+    assert list(payload["modes"]) == ["original", "online_padded", "online_lookahead", *DYNAMIC]
     assert payload["closed_loop"]["targets"] == {} and "plots" not in payload
-    for name in ("dynamic_fifo", "dynamic_sorted_window", "dynamic_sorted_oracle"):
+    for name in DYNAMIC:
         mode = payload["modes"][name]
         assert mode["kind"] == "dynamic" and mode["samples_per_s_median"] > 0
         assert mode["packrunner_speedup"] > 0
