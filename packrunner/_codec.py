@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner.config import PackAlgorithm, RunnerConfig
-from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.devices.base import (
+    BatchShape,
+    Device,
+    OutputLayout,
+    OutputSpec,
+    ShapeSet,
+    TensorSpec,
+)
 from packrunner.errors import ConfigError, DeviceError, InvalidSampleError, short_repr
 from packrunner.packing import PackPlan, build_feeds, unpack_outputs
 
@@ -230,6 +237,7 @@ class _DeviceIO:
     position_input: str | None
     mask_input: str | None
     unpack_info_input: str | None
+    shapes: ShapeSet
     casts: dict[str, np.dtype[Any]] = field(default_factory=dict)
 
 
@@ -259,6 +267,17 @@ class BatchFeeder:
         """The devices' outputs and their layouts."""
         return self._io.outputs
 
+    @property
+    def shapes(self) -> ShapeSet:
+        """The batch shapes the devices run."""
+        return self._io.shapes
+
+    def shape_of(self, plan: PackPlan) -> BatchShape:
+        """``(rows, width)`` of a plan's batch: its own, or the config's."""
+        if plan.shape is not None:
+            return plan.shape
+        return self.config.batch_size, self.config.seq_len
+
     def prepare(self, sample: object) -> PreparedSample:
         """Validate one sample (raises :class:`~packrunner.InvalidSampleError`)."""
         return self._schema.prepare(sample)
@@ -268,6 +287,7 @@ class BatchFeeder:
     ) -> dict[str, npt.NDArray[Any]]:
         """The device feeds for ``samples`` (in the plan's slot order), in the device dtypes."""
         io, config = self._io, self.config
+        rows, width = self.shape_of(plan)
         token_inputs = {name: [s.tokens[name] for s in samples] for name in io.token_inputs}
         positions = None
         if io.position_input is not None and any(s.positions is not None for s in samples):
@@ -279,8 +299,8 @@ class BatchFeeder:
             build_feeds(
                 plan,
                 token_inputs,
-                batch_size=config.batch_size,
-                seq_len=config.seq_len,
+                batch_size=rows,
+                seq_len=width,
                 position_input=io.position_input,
                 position_values=positions,
                 mask_input=io.mask_input,
@@ -317,7 +337,7 @@ class BatchFeeder:
                 )
             if array.dtype.kind not in "biufc":
                 raise DeviceError(f"device output {name!r} has dtype {array.dtype}, not numbers")
-            expected = self._expected_shape(spec)
+            expected = self._expected_shape(spec, plan)
             fits = len(array.shape) == len(expected) and all(
                 want is None or got == want for got, want in zip(array.shape, expected, strict=True)
             )
@@ -330,11 +350,11 @@ class BatchFeeder:
                     f"device output {name!r} has shape {array.shape}, expected "
                     f"{shown} ({spec.layout.value} layout)"
                 )
-        return unpack_outputs(plan, outputs, self._io.outputs, seq_len=self.config.seq_len)
+        return unpack_outputs(plan, outputs, self._io.outputs, seq_len=self.shape_of(plan)[1])
 
-    def _expected_shape(self, spec: OutputSpec) -> tuple[int | None, ...]:
-        config = self.config
-        rows, slots, tokens = config.batch_size, config.max_valid_num, config.seq_len
+    def _expected_shape(self, spec: OutputSpec, plan: PackPlan) -> tuple[int | None, ...]:
+        rows, tokens = self.shape_of(plan)
+        slots = self.config.max_valid_num
         lead: tuple[int | None, ...]
         if spec.layout is OutputLayout.PACKED_TOKENS:
             lead = (rows, tokens)
@@ -382,6 +402,17 @@ def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _Devic
             raise ConfigError(f"device input {name!r} has dtype {spec.dtype}; expected integers")
         if name not in special:
             token_inputs.append(name)
+    # After the input checks: they say precisely what is wrong with a mismatched device.
+    shapes = first.shapes
+    if any(other.shapes != shapes for other in devices[1:]):
+        raise ConfigError("all devices of one runner must run the same batch shapes")
+    if shape not in shapes or shapes.max_width != config.seq_len:
+        raise ConfigError(
+            f"the runner config's [batch_size={config.batch_size}, seq_len={config.seq_len}] "
+            f"must be a shape the device runs, as wide as its widest ({shapes})"
+        )
+    if not shapes.is_single and config.algorithm is PackAlgorithm.STREAM:
+        raise ConfigError("algorithm=stream packs one fixed stream; it cannot choose shapes")
     if config.dynamic_input_name not in inputs:
         raise ConfigError(
             f"dynamic_input_name={config.dynamic_input_name!r} is not a device input "
@@ -429,6 +460,7 @@ def _describe_devices(devices: Sequence[Device], config: RunnerConfig) -> _Devic
         position_input=config.position_input_name if has["position"] else None,
         mask_input=config.mask_input_name if has["mask"] else None,
         unpack_info_input=config.unpack_info_input_name if has["unpack_info"] else None,
+        shapes=shapes,
         casts=casts,
     )
 

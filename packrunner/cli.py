@@ -476,6 +476,13 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     )
     ours.add_argument("--no-plots", action="store_true", help="write no PNGs")
     ours.add_argument("--results-dir", default="results", help="where JSON, CSV and PNGs go")
+    ours.add_argument(
+        "--shapes",
+        choices=("buckets", "dynamic", "all"),
+        help="instead of the PopRT suite: shape-aware packing on bucketed and/or dynamic-axes "
+        "devices of the default model vs padded and packed [batch, seq], on PopRT's and a "
+        "short-text distribution",
+    )
 
 
 def _mode_names(text: str) -> list[str]:
@@ -493,6 +500,23 @@ def _mode_names(text: str) -> list[str]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.shapes is not None:
+        from packrunner.bench.shapes import run_shape_bench
+
+        if (
+            args.device == "onnx"
+            and any(
+                getattr(args, name) is not None for name in ("model", "checkpoint", "padded_model")
+            )
+            or args.minilm
+        ):
+            raise UsageError("--shapes runs the default model only")
+        shape_payload = run_shape_bench(args, echo=(lambda _: None) if args.json else print)
+        if args.json:
+            from packrunner.bench.report import to_json
+
+            print(to_json(shape_payload))
+        return 0
     from packrunner.bench.suite import run_bench
 
     payload = run_bench(args, _device_set(args), command=" ".join(["packrunner", *args.argv]))

@@ -54,6 +54,9 @@ class PackPlan:
         full: True when the batch can take no more samples (rows or ``max_valid_num`` used up,
             or a queued sample was left out for lack of room); False when it ran out of
             candidates and more arrivals could still join.
+        shape: ``(rows, width)`` of this batch when the planner chose it (a device with several
+            shapes, see :mod:`packrunner.shaping`); ``starts`` are then offsets in its
+            ``rows * width`` stream. None: the runner config's ``[batch_size, seq_len]``.
     """
 
     chosen: tuple[int, ...]
@@ -61,6 +64,7 @@ class PackPlan:
     starts: IntArray
     segment_ids: IntArray
     full: bool
+    shape: tuple[int, int] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -547,7 +551,9 @@ def drain_queue(
 
 
 def _reindex(plan: PackPlan, chosen: list[int]) -> PackPlan:
-    return PackPlan(tuple(chosen), plan.lengths, plan.starts, plan.segment_ids, plan.full)
+    return PackPlan(
+        tuple(chosen), plan.lengths, plan.starts, plan.segment_ids, plan.full, plan.shape
+    )
 
 
 def _best_fit_decreasing_batches(

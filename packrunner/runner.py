@@ -36,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
@@ -47,7 +47,8 @@ import numpy.typing as npt
 from packrunner._codec import BatchFeeder, PreparedSample
 from packrunner._workers import Batch, WorkerPool
 from packrunner.config import RunnerConfig
-from packrunner.devices.base import Device
+from packrunner.cost import CostModel
+from packrunner.devices.base import BatchShape, Device
 from packrunner.errors import (
     ConfigError,
     DeviceError,
@@ -61,9 +62,13 @@ from packrunner.errors import (
 )
 from packrunner.health import Health, HealthState
 from packrunner.packing import PackPlan, plan_batch
+from packrunner.shaping import plan_shaped
 from packrunner.stats import RunnerStats
 
-__all__ = ["LATENCY_BUCKETS_S", "PackRunner", "Result"]
+__all__ = ["CALIBRATION_RUNS", "LATENCY_BUCKETS_S", "PackRunner", "Result"]
+
+#: Batches of each calibration shape :meth:`PackRunner.warmup` times (their median counts).
+CALIBRATION_RUNS = 3
 
 #: Upper bounds (seconds, inclusive) of the request-latency histogram in :class:`RunnerStats`.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -127,6 +132,7 @@ class _Counters:
     devices_replaced: int = 0
     samples: int = 0
     tokens: int = 0
+    token_slots: int = 0  # rows * width of every batch
     device_busy_s: float = 0.0
     latency_sum_s: float = 0.0
     queue_wait_sum_s: float = 0.0
@@ -168,6 +174,25 @@ class PackRunner:
                 f"device must be a Device or a non-empty sequence of them, got {device!r}"
             )
         self._feeder = BatchFeeder(self._devices, self._config)
+        shapes = self._feeder.shapes
+        # Devices with several shapes get shape-aware plans, compared in estimated time: the
+        # prior until warmup() times the device's shapes.
+        self._shaped = not shapes.is_single
+        self._cost = CostModel.prior(shapes)
+        self._timings: dict[BatchShape, list[float]] | None = None  # while calibrating
+        # Engine-thread seconds spent planning, building feeds and cutting results (shaped
+        # runners): per batch, part of a batch's cost, so the planner does not split work into
+        # many small batches whose host work the device time alone would not show.
+        self._host_busy_s = 0.0
+        # Cheap necessary condition for a full batch at some shape (see _may_be_full_locked).
+        if shapes.is_dynamic:
+            self._full_rows = shapes.rows_for(shapes.max_width)
+            self._full_tokens = min(
+                shapes.rows_for(w) * w for w in (shapes.width_multiple, shapes.max_width)
+            )
+        else:
+            self._full_rows = min(rows for rows, _ in shapes.compiled)
+            self._full_tokens = min(rows * width for rows, width in shapes.compiled)
         self._max_inflight = self._config.max_inflight_batches or len(self._devices) + 1
         self._window = max(self._config.lookahead, self._config.max_valid_num + 1)
         self._use_uvloop = use_uvloop
@@ -337,6 +362,11 @@ class PackRunner:
         under the watchdog, checked and unpacked like any other. Call it again to probe a
         degraded runner: a successful batch clears the degraded state.
 
+        On a device with several shapes it also calibrates the cost model the planner compares
+        shapes with: :data:`CALIBRATION_RUNS` full batches of each shape of
+        ``ShapeSet.calibration_shapes()`` go through the same path, and their device times are
+        fitted (:meth:`CostModel.from_timings`); see :attr:`cost_model`.
+
         Args:
             timeout: Deadline in seconds for the whole batch, as for :meth:`submit`.
 
@@ -344,46 +374,82 @@ class PackRunner:
             DeviceError, RequestTimeoutError, RunnerClosedError, ...: The warm-up batch failed;
                 the runner does not report ready.
         """
-        for future in self._dispatch_warmup(timeout):
-            future.result()
+        futures = self._dispatch_warmup(timeout)
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            self._end_calibration(futures)
         with self._lock:
             self._warmed_up = True
 
     async def warmup_async(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
         """Async form of :meth:`warmup`."""
         futures = self._dispatch_warmup(timeout)
-        await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        finally:
+            self._end_calibration(futures)
         with self._lock:
             self._warmed_up = True
 
+    @property
+    def cost_model(self) -> CostModel:
+        """The estimated device time per batch shape the planner uses (calibrated by
+        :meth:`warmup` on devices with several shapes; ``calibrated`` says whether it was)."""
+        with self._lock:
+            return self._cost
+
     def _dispatch_warmup(self, timeout: float | None) -> list[concurrent.futures.Future[Result]]:
         config = self._config
-        count = min(config.batch_size, config.samples_cap)
-        # Zeros are valid for every input (limits are >= 1); seq_len tokens each fill the batch.
-        sample = {config.dynamic_input_name: np.zeros(config.seq_len, dtype=np.int32)}
-        prepared = [self._feeder.prepare(sample) for _ in range(count)]
-        plan = plan_batch(
-            [p.length for p in prepared],
-            algorithm=config.algorithm,
-            batch_size=config.batch_size,
-            seq_len=config.seq_len,
-            max_valid_num=config.max_valid_num,
-            lookahead=config.lookahead,
-        )
+        # The config's shape first (the classic warm-up batch), then the calibration shapes.
+        shapes: list[BatchShape | None] = [None]
+        if self._shaped:
+            runs = self._feeder.shapes.calibration_shapes()
+            shapes += [shape for shape in runs for _ in range(CALIBRATION_RUNS)]
         futures: list[concurrent.futures.Future[Result]] = []
+        batches: list[tuple[list[_Request], PackPlan]] = []
         with self._lock:
             self._require_running_locked()
+            if self._shaped:
+                self._timings = {}
             now = time.monotonic()
-            requests = []
-            for item in prepared:
-                future: concurrent.futures.Future[Result] = concurrent.futures.Future()
-                requests.append(self._new_request_locked(item, future, None, timeout, now))
-                futures.append(future)
-            batch_requests = [requests[i] for i in plan.chosen]
-            self._count_batch_locked(plan, "full")
+            for shape in shapes:
+                rows, width = shape if shape is not None else (config.batch_size, config.seq_len)
+                # Zeros are valid for every input (limits are >= 1); full-width samples fill it.
+                sample = {config.dynamic_input_name: np.zeros(width, dtype=np.int32)}
+                prepared = [
+                    self._feeder.prepare(sample) for _ in range(min(rows, config.samples_cap))
+                ]
+                plan = plan_batch(
+                    [p.length for p in prepared],
+                    algorithm=config.algorithm,
+                    batch_size=rows,
+                    seq_len=width,
+                    max_valid_num=config.max_valid_num,
+                    lookahead=config.lookahead,
+                )
+                if shape is not None:
+                    plan = replace(plan, shape=shape)
+                requests = []
+                for item in prepared:
+                    future: concurrent.futures.Future[Result] = concurrent.futures.Future()
+                    requests.append(self._new_request_locked(item, future, None, timeout, now))
+                    futures.append(future)
+                batches.append(([requests[i] for i in plan.chosen], plan))
+                self._count_batch_locked(plan, "full")
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._dispatch, batch_requests, plan, "full")
+        for batch_requests, plan in batches:
+            self._loop.call_soon_threadsafe(self._dispatch, batch_requests, plan, "full")
         return futures
+
+    def _end_calibration(self, futures: list[concurrent.futures.Future[Result]]) -> None:
+        """Stop recording device times; fit them if every warm-up batch succeeded."""
+        succeeded = all(f.done() and not f.cancelled() and f.exception() is None for f in futures)
+        with self._lock:
+            timings, self._timings = self._timings, None
+            if succeeded and timings:
+                self._cost = CostModel.from_timings(timings)
 
     # ------------------------------------------------------------------------------ requests
 
@@ -477,10 +543,9 @@ class PackRunner:
 
     def stats(self) -> RunnerStats:
         """A consistent snapshot of the runner's counters."""
-        config = self._config
         with self._lock:
             c = self._counters
-            capacity = c.batches * config.batch_size * config.seq_len
+            capacity = c.token_slots
             return RunnerStats(
                 requests=c.requests,
                 rejected_invalid=c.rejected_invalid,
@@ -507,6 +572,7 @@ class PackRunner:
                 nonfinite=c.nonfinite,
                 device_timeouts=c.device_timeouts,
                 devices_replaced=c.devices_replaced,
+                token_slots=c.token_slots,
             )
 
     def _submit(
@@ -657,11 +723,12 @@ class PackRunner:
         # Cheap necessary condition for "some algorithm could close a batch now": fewer samples
         # than rows always fit one per row, so a batch can only be full with more samples than
         # rows, at the sample cap, or with a full batch worth of tokens.
+        # With several shapes, the smallest rows and token budget any of them could fill.
         count = len(self._pending)
         return (
-            count > self._config.batch_size
+            count > self._full_rows
             or count >= self._config.samples_cap
-            or self._pending_tokens >= self._config.capacity_tokens
+            or self._pending_tokens >= self._full_tokens
         )
 
     async def _batcher(self) -> None:
@@ -694,14 +761,9 @@ class PackRunner:
                     due = draining or (timed_out and self._inflight < self._pool.live)
                     if due or self._may_be_full_locked():
                         candidates = list(itertools.islice(self._pending.values(), self._window))
-                        plan = plan_batch(
-                            [r.sample.length for r in candidates],
-                            algorithm=config.algorithm,
-                            batch_size=config.batch_size,
-                            seq_len=config.seq_len,
-                            max_valid_num=config.max_valid_num,
-                            lookahead=config.lookahead,
-                        )
+                        planning = time.perf_counter()
+                        plan = self._plan_locked([r.sample.length for r in candidates])
+                        self._host_busy_s += time.perf_counter() - planning
                         if plan.full or due:
                             reason = "full" if plan.full else ("drain" if draining else "timeout")
                             batch_requests = [candidates[i] for i in plan.chosen]
@@ -734,12 +796,36 @@ class PackRunner:
                 except TimeoutError:
                     pass
 
+    def _plan_locked(self, lengths: list[int]) -> PackPlan:
+        config = self._config
+        if self._shaped:
+            cost = self._cost
+            host_s = self._host_busy_s / max(1, self._counters.batches)
+            return plan_shaped(
+                lengths,
+                algorithm=config.algorithm,
+                shapes=self._feeder.shapes,
+                cost=lambda shape: cost.estimate(shape) + host_s,
+                max_valid_num=config.max_valid_num,
+                lookahead=config.lookahead,
+            )
+        return plan_batch(
+            lengths,
+            algorithm=config.algorithm,
+            batch_size=config.batch_size,
+            seq_len=config.seq_len,
+            max_valid_num=config.max_valid_num,
+            lookahead=config.lookahead,
+        )
+
     def _count_batch_locked(self, plan: PackPlan, reason: str) -> None:
         self._inflight += 1
         counters = self._counters
         counters.batches += 1
         counters.samples += plan.num_samples
         counters.tokens += plan.num_tokens
+        rows, width = self._feeder.shape_of(plan)
+        counters.token_slots += rows * width
         if reason == "full":
             counters.batches_full += 1
         elif reason == "timeout":
@@ -747,6 +833,7 @@ class PackRunner:
 
     def _dispatch(self, requests: list[_Request], plan: PackPlan, reason: str) -> None:
         batch = Batch(requests, plan, {}, reason, time.monotonic())
+        started = time.perf_counter()
         try:
             batch.feeds = self._feeder.feeds(plan, [r.sample for r in requests])
         except Exception as exc:  # a bug in packing: fail this batch only
@@ -754,6 +841,9 @@ class PackRunner:
             batch.claimed = True
             self._finish(batch, None, exc, 0.0)
             return
+        if self._shaped:
+            with self._lock:
+                self._host_busy_s += time.perf_counter() - started
         self._pool.run(batch)
 
     def _finish(
@@ -767,11 +857,13 @@ class PackRunner:
         requests: list[_Request] = batch.requests
         count = len(requests)
         outcomes: list[_Outcome]
+        cutting = time.perf_counter()
         if error is None:
             try:
                 outcomes = list(self._feeder.results(batch.plan, outputs))
             except Exception as exc:  # outputs that do not match the specs
                 error = exc
+        cutting_s = time.perf_counter() - cutting
         if error is not None:
             if isinstance(error, DeviceTimeoutError):
                 failure: type[DeviceError] = DeviceTimeoutError
@@ -803,8 +895,12 @@ class PackRunner:
             counters.latency_sum_s += float(latencies.sum())
             counters.queue_wait_sum_s += float((batch.packed_at - arrivals).sum())
             counters.nonfinite += nonfinite
+            self._host_busy_s += cutting_s
             if error is None:
                 self._degraded = None
+                if self._timings is not None:  # calibrating: every batch's time counts
+                    shape = self._feeder.shape_of(batch.plan)
+                    self._timings.setdefault(shape, []).append(busy_s)
             else:
                 counters.batches_failed += 1
                 counters.device_timeouts += isinstance(error, DeviceTimeoutError)

@@ -25,8 +25,7 @@ class RunnerStats:
         samples: Samples dispatched in batches.
         tokens: Valid tokens dispatched in batches.
         mean_samples_per_batch: ``samples / batches``.
-        token_fill: Valid tokens over batch capacity,
-            ``tokens / (batches * batch_size * seq_len)``.
+        token_fill: Valid tokens over batch capacity, ``tokens / token_slots``.
         queue_depth: Samples waiting to be packed now.
         inflight_batches: Batches packed and not yet finished now.
         device_busy_s: Total time spent inside ``Device.run``.
@@ -39,6 +38,8 @@ class RunnerStats:
         nonfinite: Samples failed because their outputs held NaN/Inf (``check_finite``).
         device_timeouts: Batches failed by the device watchdog (``device_timeout_s``).
         devices_replaced: Hung devices replaced by a fresh one.
+        token_slots: ``rows * width`` summed over the batches dispatched (``batches *
+            batch_size * seq_len`` on a single-shape device).
 
     Every accepted sample ends up in exactly one of ``completed``, ``failed``, ``withdrawn``
     and ``discarded`` (``nonfinite`` ones are also counted in ``failed``).
@@ -69,6 +70,7 @@ class RunnerStats:
     nonfinite: int = 0
     device_timeouts: int = 0
     devices_replaced: int = 0
+    token_slots: int = 0
 
     @property
     def finished(self) -> int:

@@ -122,6 +122,20 @@ def test_compare_json_on_the_simulated_device(capsys):
             assert output["max_abs_diff"] == 0.0  # the simulated device is exact
 
 
+def test_bench_shapes_json_on_the_simulated_device(tmp_path, capsys):
+    argv = ["bench", *SIM, "--iterations", "2", "--shapes", "all", "--max-valid-num", "64"]
+    assert main([*argv, "--json", "--results-dir", str(tmp_path)]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["samples"] == 32
+    for label in ("seed", "short"):
+        rows = payload["distributions"][label]
+        assert list(rows) == ["padded", "packed", "shapes_buckets", "shapes_dynamic"]
+        assert rows["padded"]["samples_per_batch"] == 16
+        for row in rows.values():
+            assert row["samples_per_s"] > 0 and 0 < row["token_fill"] <= 1
+    assert json.loads((tmp_path / "shapes.json").read_text()) == payload
+
+
 def test_compare_model_runs_against_its_own_padded_form(tiny_packed, capsys):
     shape = ["--batch-size", "4", "--seq-len", "64", "--avg-seq-len", "32", "--quiet"]
     argv = ["compare", "--model", str(tiny_packed), *shape, "--iterations", "3", "--repeats", "1"]

@@ -19,6 +19,7 @@ PUBLIC_MODULES = {
     "compat",
     "config",
     "convert",
+    "cost",
     "devices",
     "errors",
     "graphs",
@@ -28,6 +29,7 @@ PUBLIC_MODULES = {
     "prometheus",
     "runner",
     "serve",
+    "shaping",
     "stats",
 }
 PACKAGES = [

@@ -59,11 +59,20 @@ def measure_online(
     samples: Sequence[PoprtSample],
     *,
     keep_results: bool = False,
+    warmup: bool = False,
 ) -> OnlineRun:
-    """Submit every sample at once (PopRT's online mode) and time until all are back."""
+    """Submit every sample at once (PopRT's online mode) and time until all are back.
+
+    With ``warmup``, :meth:`~packrunner.PackRunner.warmup` runs first, untimed (it calibrates
+    the cost model of a device with several shapes); its batches are not counted.
+    """
 
     async def run() -> OnlineRun:
         async with PackRunner(device_factory(), config) as runner:
+            before = None
+            if warmup:
+                await runner.warmup_async()
+                before = runner.stats()
             # More samples than the queue holds are fed as slots free up, never rejected.
             slots = asyncio.Semaphore(config.max_queue_size)
 
@@ -75,13 +84,25 @@ def measure_online(
             results = await asyncio.gather(*(one(s) for s in samples))
             wall = time.perf_counter() - started
             stats = runner.stats()
+        if before is None:
+            return OnlineRun(
+                samples=len(samples),
+                wall_s=wall,
+                batches=stats.batches,
+                mean_samples_per_batch=stats.mean_samples_per_batch,
+                token_fill=stats.token_fill,
+                device_busy_s=stats.device_busy_s,
+                results=tuple(results) if keep_results else None,
+            )
+        batches = stats.batches - before.batches  # the timed part only
+        token_slots = stats.token_slots - before.token_slots
         return OnlineRun(
             samples=len(samples),
             wall_s=wall,
-            batches=stats.batches,
-            mean_samples_per_batch=stats.mean_samples_per_batch,
-            token_fill=stats.token_fill,
-            device_busy_s=stats.device_busy_s,
+            batches=batches,
+            mean_samples_per_batch=(stats.samples - before.samples) / max(batches, 1),
+            token_fill=(stats.tokens - before.tokens) / max(token_slots, 1),
+            device_busy_s=stats.device_busy_s - before.device_busy_s,
             results=tuple(results) if keep_results else None,
         )
 

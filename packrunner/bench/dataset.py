@@ -14,6 +14,7 @@ __all__ = [
     "PoprtSample",
     "poprt_dataset",
     "poprt_lengths",
+    "short_text_dataset",
     "synthetic_dataset",
     "synthetic_lengths",
 ]
@@ -114,12 +115,17 @@ def synthetic_dataset(
 ) -> list[PoprtSample]:
     """Samples whose lengths follow ``distribution`` (see :func:`synthetic_lengths`).
 
-    ``seed`` is exactly :func:`poprt_dataset`; the others draw ``input_ids`` in ``[0, emb_size)``
+    ``seed`` is exactly :func:`poprt_dataset` and ``short`` :func:`short_text_dataset` (same
+    lengths as :func:`synthetic_lengths`); ``bimodal`` draws ``input_ids`` in ``[0, emb_size)``
     and ``token_type_ids`` in ``{0, 1}`` per sample, like PopRT's generator.
     """
     if distribution == "seed":
         return poprt_dataset(
             n, avg_seq_len=avg_seq_len, max_seq_len=max_seq_len, emb_size=emb_size, seed=seed
+        )
+    if distribution == "short":
+        return short_text_dataset(
+            n, mean_len=SHORT_TEXT_MEAN, max_seq_len=max_seq_len, emb_size=emb_size, seed=seed
         )
     lengths = synthetic_lengths(distribution, n, max_seq_len=max_seq_len, seed=seed)
     rng = np.random.default_rng(seed + 1)  # ids independent of the lengths' stream
@@ -127,6 +133,22 @@ def synthetic_dataset(
         {
             "input_ids": rng.integers(0, emb_size, length).astype(np.int32),
             "token_type_ids": rng.integers(0, 2, length).astype(np.int32),
+        }
+        for length in lengths
+    ]
+
+
+def short_text_dataset(
+    n: int, *, mean_len: int = 20, max_seq_len: int = 256, emb_size: int = 30522, seed: int = 2023
+) -> list[PoprtSample]:
+    """Short texts (queries, titles, chat turns): lengths geometric with mean ``mean_len``,
+    capped at ``max_seq_len``; ids and token types drawn as in :func:`poprt_dataset`."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.geometric(1.0 / mean_len, size=n), max_seq_len)
+    return [
+        {
+            "input_ids": rng.integers(0, emb_size, int(length), dtype=np.int32),
+            "token_type_ids": rng.integers(0, 2, int(length), dtype=np.int32),
         }
         for length in lengths
     ]

@@ -1,4 +1,4 @@
-"""OnnxDevice: an onnxruntime session at a fixed shape, driven by one worker thread."""
+"""OnnxDevice: onnxruntime sessions at a fixed shape (or several), driven by one worker thread."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import onnx
 # onnx.load raises protobuf's DecodeError for bytes that are not a model; protobuf ships no stubs.
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
 
-from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.devices.base import (
+    BatchShape,
+    Device,
+    OutputLayout,
+    OutputSpec,
+    ShapeSet,
+    TensorSpec,
+)
 from packrunner.errors import ConfigError, DeviceError
 
 __all__ = ["BATCH_COUPLING_OPS", "OnnxDevice"]
@@ -49,14 +56,21 @@ _INTEGER_TYPES: dict[int, np.dtype[Any]] = {
 
 
 class OnnxDevice(Device):
-    """Runs a fixed-shape ONNX model with onnxruntime.
+    """Runs an ONNX model with onnxruntime, at one shape or several.
 
     The model is inspected once at construction (names, dtypes, shapes), so a model that does
-    not fit the runner is refused before any thread starts; the session itself is created in
-    :meth:`open`, on the worker thread that owns it.
+    not fit the runner is refused before any thread starts; the sessions are created in
+    :meth:`open`, on the worker thread that owns them.
+
+    Three ways to run shapes: a fixed-shape model (one shape, the default); a model with
+    dynamic axes and ``shapes`` (one session serves every shape of a dynamic
+    :class:`~packrunner.ShapeSet`, or the buckets of a compiled one); or one fixed-shape file per
+    bucket (``model_path`` a mapping ``{(rows, width): path}``, one session each).
+    :attr:`input_specs` describe the ``[batch_size, seq_len]`` shape (for a mapping, the widest
+    bucket's); every batch is run at the shape of its feeds.
 
     Args:
-        model_path: The ``.onnx`` file.
+        model_path: The ``.onnx`` file, or one fixed-shape file per bucket.
         batch_size: Rows, when the model's batch dim is symbolic (otherwise read from it).
         seq_len: Tokens per row, when the model's sequence dim is symbolic.
         max_valid_num: Length of ``unpack_info`` / sample slots, when symbolic.
@@ -71,15 +85,18 @@ class OnnxDevice(Device):
         allow_batch_coupling_ops: Accept a model with fused attention or dynamic quantization
             ops (:data:`BATCH_COUPLING_OPS`), which can make one sample's outputs depend on its
             batch mates. Only after checking packed against padded results yourself.
+        shapes: The shapes a dynamic-axes model is run at (default: ``[batch_size, seq_len]``
+            only). It must include ``[batch_size, seq_len]`` and be no wider.
 
     Raises:
-        ConfigError: The file is missing, empty or not an ONNX model, or the model's inputs
-            are not integer tensors of one fixed shape.
+        ConfigError: A file is missing, empty or not an ONNX model, the model's inputs are not
+            integer tensors of one shape, several shapes are asked of a fixed-shape model, or
+            the bucket files disagree with each other or with their shapes.
     """
 
     def __init__(
         self,
-        model_path: str | os.PathLike[str],
+        model_path: str | os.PathLike[str] | Mapping[BatchShape, str | os.PathLike[str]],
         *,
         batch_size: int | None = None,
         seq_len: int | None = None,
@@ -90,7 +107,20 @@ class OnnxDevice(Device):
         output_names: Sequence[str] | None = None,
         allow_spinning: bool = True,
         allow_batch_coupling_ops: bool = False,
+        shapes: ShapeSet | None = None,
     ) -> None:
+        if isinstance(model_path, Mapping):
+            self._init_buckets(
+                model_path,
+                max_valid_num=max_valid_num,
+                intra_op_num_threads=intra_op_num_threads,
+                providers=providers,
+                output_layouts=output_layouts,
+                output_names=output_names,
+                allow_spinning=allow_spinning,
+                allow_batch_coupling_ops=allow_batch_coupling_ops,
+            )
+            return
         # Everything needed to build a replica (a fresh session after a hang).
         self._arguments: dict[str, Any] = {
             "batch_size": batch_size,
@@ -102,7 +132,9 @@ class OnnxDevice(Device):
             "output_names": output_names,
             "allow_spinning": allow_spinning,
             "allow_batch_coupling_ops": allow_batch_coupling_ops,
+            "shapes": shapes,
         }
+        self._bucket_devices: dict[BatchShape, OnnxDevice] = {}
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise ConfigError(f"model_path {str(self.model_path)!r} is not a file")
@@ -153,10 +185,66 @@ class OnnxDevice(Device):
         self.providers = tuple(providers)
         self.allow_spinning = allow_spinning
         self._session: Any = None
-        self._run_shapes = {
-            name: (self.batch_size, self.seq_len) if len(spec.shape) == 2 else spec.shape
-            for name, spec in self._input_specs.items()
-        }
+        self._shapes = self._check_shapes(model, shapes)
+
+    def _check_shapes(self, model: onnx.ModelProto, shapes: ShapeSet | None) -> ShapeSet:
+        if shapes is None:
+            return ShapeSet.fixed(self.batch_size, self.seq_len)
+        if (self.batch_size, self.seq_len) not in shapes or shapes.max_width != self.seq_len:
+            raise ConfigError(
+                f"shapes {shapes} must include [batch_size, seq_len] = "
+                f"[{self.batch_size}, {self.seq_len}] and be no wider"
+            )
+        if not shapes.is_single:
+            fixed = [
+                value.name
+                for value in model.graph.input
+                if value.name in self._input_specs
+                and len(_dims(value)) == 2
+                and any(d.HasField("dim_value") and d.dim_value > 0 for d in _dims(value))
+            ]
+            if fixed:
+                raise ConfigError(
+                    f"model {self.model_path.name} has fixed dims on {fixed}; running several "
+                    "shapes needs dynamic batch and sequence axes (build_bert_onnx(dynamic=True)) "
+                    "or one file per shape"
+                )
+        return shapes
+
+    def _init_buckets(
+        self, paths: Mapping[BatchShape, str | os.PathLike[str]], **options: Any
+    ) -> None:
+        """One fixed-shape device per bucket; this one describes the widest and runs them all."""
+        if not paths:
+            raise ConfigError("model_path mapping names no bucket")
+        shapes = ShapeSet.buckets(paths)
+        devices = {shape: OnnxDevice(paths[shape], **options) for shape in shapes.compiled}
+        for (rows, width), device in devices.items():
+            if (device.batch_size, device.seq_len) != (rows, width):
+                raise ConfigError(
+                    f"bucket [{rows}, {width}] file {device.model_path.name} is compiled for "
+                    f"[{device.batch_size}, {device.seq_len}]"
+                )
+        widest = devices[shapes.compiled[-1]]
+        for device in devices.values():
+            names = (list(device.input_specs), dict(device.output_specs))
+            if names != (list(widest.input_specs), dict(widest.output_specs)):
+                raise ConfigError(
+                    f"bucket files {device.model_path.name} and {widest.model_path.name} "
+                    "differ in their inputs or outputs"
+                )
+        # Describe the widest bucket; run each batch on its own bucket's session.
+        for name, value in vars(widest).items():
+            setattr(self, name, value)
+        self._arguments = {**options, "shapes": None}
+        self._bucket_paths = dict(paths)
+        self._bucket_devices = devices
+        self._shapes = shapes
+
+    @property
+    def shapes(self) -> ShapeSet:
+        """The shapes this device runs."""
+        return self._shapes
 
     @property
     def input_specs(self) -> Mapping[str, TensorSpec]:
@@ -174,7 +262,11 @@ class OnnxDevice(Device):
         return self._value_limits
 
     def open(self) -> None:
-        """Create the onnxruntime session (on the worker thread that will run it)."""
+        """Create the onnxruntime session(s) (on the worker thread that will run them)."""
+        if self._bucket_devices:
+            for device in self._bucket_devices.values():
+                device.open()
+            return
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -199,6 +291,12 @@ class OnnxDevice(Device):
         self, feeds: Mapping[str, npt.NDArray[np.generic]]
     ) -> dict[str, npt.NDArray[np.generic]]:
         """Run one batch; onnxruntime failures become :class:`~packrunner.DeviceError`."""
+        if self._bucket_devices:
+            shape = getattr(feeds.get("input_ids"), "shape", None)
+            bucket = self._bucket_devices.get(shape)  # type: ignore[arg-type]
+            if bucket is None:
+                raise DeviceError(f"no bucket of shape {shape}; buckets: {self._shapes}")
+            return bucket.run(feeds)
         if self._session is None:
             raise DeviceError("OnnxDevice.run() before open()")
         names = list(self._output_specs)
@@ -209,11 +307,15 @@ class OnnxDevice(Device):
         return dict(zip(names, values, strict=True))
 
     def close(self) -> None:
-        """Drop the session."""
+        """Drop the session(s)."""
+        for device in self._bucket_devices.values():
+            device.close()
         self._session = None
 
     def replica(self) -> OnnxDevice:
-        """A new, unopened OnnxDevice over the same model file and options."""
+        """A new, unopened OnnxDevice over the same model file(s) and options."""
+        if self._bucket_devices:
+            return OnnxDevice(self._bucket_paths, **self._arguments)
         return OnnxDevice(self.model_path, **self._arguments)
 
     def _output_spec(self, value: onnx.ValueInfoProto, layout: OutputLayout | None) -> OutputSpec:

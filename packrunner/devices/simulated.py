@@ -4,7 +4,9 @@ It behaves like a compiled graph where it matters for the runner:
 
 * it accepts exactly its compiled shapes and dtypes and raises on anything else;
 * it takes ``batch_latency_us`` per batch whatever the contents, sleeping (not spinning) so the
-  host CPU stays free for the runner, as it would with a real accelerator;
+  host CPU stays free for the runner, as it would with a real accelerator; given a
+  :class:`~packrunner.ShapeSet` it runs several shapes (buckets or dynamic axes), each taking
+  the time its latency model (:class:`~packrunner.cost.BatchCost`) says;
 * its ``start_logits`` / ``end_logits`` for a token depend on that token, its position, its
   token type AND every other token of its own segment (an exact integer digest of the segment),
   never on other segments or padding. Any cross-contamination between packed samples, a wrong
@@ -21,12 +23,27 @@ import numpy as np
 import numpy.typing as npt
 
 from packrunner.config import InputForm
-from packrunner.devices.base import Device, OutputLayout, OutputSpec, TensorSpec
+from packrunner.cost import BatchCost
+from packrunner.devices.base import Device, OutputLayout, OutputSpec, ShapeSet, TensorSpec
 
-__all__ = ["POPRT_IPU_BATCH_LATENCY_US", "SimulatedDevice", "simulated_reference"]
+__all__ = [
+    "ORT_DEFAULT_MODEL_COST",
+    "POPRT_IPU_BATCH_LATENCY_US",
+    "SimulatedDevice",
+    "simulated_reference",
+]
 
 #: PopRT's IPU runs 16 padded bert-base samples at 1861 samples/s: 8.6 ms per batch.
 POPRT_IPU_BATCH_LATENCY_US = 8_600
+
+#: Batch time of the default model (packed form, dynamic axes) under onnxruntime CPU, 2 intra-op
+#: threads: seconds = c0 + c1 * rows * width + c2 * rows * width**2. The ratios come from a
+#: least-squares fit to the fastest of 14 interleaved runs of 12 shapes from [1, 256] to
+#: [128, 32] (c0 5.18e-3, c1 1.54e-4, c2 2.37e-7 s on the shared, loaded 2-core build host,
+#: where [16, 256] took 884 ms); the scale makes [16, 256] take 26.4 ms, the packed batch time
+#: measured on the quiet host (docs/benchmarks.md). Attention is then 28% of a 256-wide batch
+#: and 5% of a 32-wide one: [64, 64] takes 20.8 ms, [128, 32] 19.9 ms.
+ORT_DEFAULT_MODEL_COST = BatchCost(fixed_s=1.55e-4, per_token_s=4.60e-6, per_token_width_s=7.07e-9)
 
 OUTPUT_NAMES = ("start_logits", "end_logits")
 
@@ -94,6 +111,12 @@ class SimulatedDevice(Device):
             ``UNPACK_REPACK``: ``attention_mask`` replaced by ``unpack_info``
             ``[max_valid_num]``; samples may cross rows; outputs ``[max_valid_num, seq_len]``.
         max_valid_num: Length of ``unpack_info`` in the ``UNPACK_REPACK`` form.
+        shapes: The shapes it runs (packed and padded forms): default, only
+            ``[batch_size, seq_len]``, which must be one of them and as wide as the widest.
+        latency: Time per batch shape when ``shapes`` has several: default
+            :data:`ORT_DEFAULT_MODEL_COST`, the default model under onnxruntime on CPU (how
+            it was measured is stated there). A single-shape device takes
+            ``batch_latency_us`` instead.
 
     Example:
         >>> device = SimulatedDevice(batch_latency_us=0)
@@ -109,10 +132,21 @@ class SimulatedDevice(Device):
         batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US,
         form: InputForm | str = InputForm.PACKED,
         max_valid_num: int = 40,
+        shapes: ShapeSet | None = None,
+        latency: BatchCost | None = None,
     ) -> None:
         form = InputForm.parse(form)
         if batch_latency_us < 0:
             raise ValueError(f"batch_latency_us must be >= 0, got {batch_latency_us}")
+        self._shapes = shapes if shapes is not None else ShapeSet.fixed(batch_size, seq_len)
+        if (batch_size, seq_len) not in self._shapes or self._shapes.max_width != seq_len:
+            raise ValueError(
+                f"[batch_size, seq_len] = [{batch_size}, {seq_len}] must be one of the shapes, "
+                f"as wide as the widest: {self._shapes}"
+            )
+        if not self._shapes.is_single and form is InputForm.UNPACK_REPACK:
+            raise ValueError("an unpack_repack device has one fixed stream shape")
+        self.latency = latency if latency is not None else ORT_DEFAULT_MODEL_COST
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.batch_latency_us = batch_latency_us
@@ -145,6 +179,8 @@ class SimulatedDevice(Device):
             batch_latency_us=self.batch_latency_us,
             form=self.form,
             max_valid_num=self.max_valid_num,
+            shapes=self._shapes,
+            latency=self.latency,
         )
 
     @property
@@ -157,16 +193,27 @@ class SimulatedDevice(Device):
         """``start_logits`` and ``end_logits``."""
         return self._output_specs
 
+    @property
+    def shapes(self) -> ShapeSet:
+        """The shapes it runs."""
+        return self._shapes
+
+    def batch_latency_s(self, shape: tuple[int, int]) -> float:
+        """Wall time of one batch of ``shape``."""
+        if self._shapes.is_single:
+            return self.batch_latency_us * 1e-6
+        return self.latency(shape)
+
     def run(
         self, feeds: Mapping[str, npt.NDArray[np.generic]]
     ) -> dict[str, npt.NDArray[np.generic]]:
         """Run one batch; raises ``ValueError`` on feeds that do not match the compiled specs."""
         started = time.perf_counter()
-        self._check_feeds(feeds)
+        shape = self._check_feeds(feeds)
         ids = feeds["input_ids"].astype(np.int64)
         types = feeds["token_type_ids"].astype(np.int64)
         if self.form is InputForm.PADDED:
-            positions = np.broadcast_to(np.arange(self.seq_len, dtype=np.int64), ids.shape)
+            positions = np.broadcast_to(np.arange(shape[1], dtype=np.int64), ids.shape)
             if feeds["attention_mask"].max() > 1:
                 raise ValueError("attention_mask of a padded model is a 0/1 mask")
         else:
@@ -177,7 +224,7 @@ class SimulatedDevice(Device):
         else:
             outputs = self._run_segments(feeds["attention_mask"], contribution, local)
         self.batches_run += 1
-        remaining = self.batch_latency_us * 1e-6 - (time.perf_counter() - started)
+        remaining = self.batch_latency_s(shape) - (time.perf_counter() - started)
         if remaining > 0:
             asked = max(0.0, remaining - self._sleep_overshoot_s)
             before = time.perf_counter()
@@ -186,18 +233,26 @@ class SimulatedDevice(Device):
             self._sleep_overshoot_s += 0.2 * (min(late, remaining) - self._sleep_overshoot_s)
         return outputs
 
-    def _check_feeds(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> None:
+    def _check_feeds(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> tuple[int, int]:
+        """Check the feeds against the specs; return the batch's ``(rows, width)``."""
         if set(feeds) != set(self._input_specs):
             raise ValueError(
                 f"static graph expects inputs {sorted(self._input_specs)}, got {sorted(feeds)}"
             )
+        batch_shape = (self.batch_size, self.seq_len)
+        if not self._shapes.is_single:
+            batch_shape = getattr(feeds["input_ids"], "shape", batch_shape)
+            if batch_shape not in self._shapes:
+                raise ValueError(f"batch shape {batch_shape} is not one of {self._shapes}")
         for name, spec in self._input_specs.items():
             array = feeds[name]
-            if not isinstance(array, np.ndarray) or array.shape != spec.shape:
+            expected = batch_shape if len(spec.shape) == 2 else spec.shape
+            if not isinstance(array, np.ndarray) or array.shape != expected:
                 shape = getattr(array, "shape", None)
-                raise ValueError(f"input {name!r}: compiled shape {spec.shape}, got {shape}")
+                raise ValueError(f"input {name!r}: compiled shape {expected}, got {shape}")
             if array.dtype != spec.dtype:
                 raise ValueError(f"input {name!r}: compiled dtype {spec.dtype}, got {array.dtype}")
+        return batch_shape[0], batch_shape[1]
 
     def _run_segments(
         self,
@@ -206,19 +261,19 @@ class SimulatedDevice(Device):
         local: npt.NDArray[np.float64],
     ) -> dict[str, npt.NDArray[np.generic]]:
         segment = mask.astype(np.int64)
-        if segment.min() < 0 or segment.max() > self.seq_len:
+        rows, width = segment.shape
+        if segment.min() < 0 or segment.max() > width:
             raise ValueError("attention_mask holds segment ids 0..seq_len")
         # One group per (row, segment id); padding (id 0) gets its own ignored groups.
-        group = (np.arange(self.batch_size)[:, None] * (self.seq_len + 1) + segment).reshape(-1)
-        size = self.batch_size * (self.seq_len + 1)
+        group = (np.arange(rows)[:, None] * (width + 1) + segment).reshape(-1)
+        size = rows * (width + 1)
         digest = np.bincount(group, weights=contribution.reshape(-1), minlength=size)[group]
         count = np.bincount(group, minlength=size).astype(np.float64)[group]
         start, end = _logits(local.reshape(-1), digest, count)
         valid = segment.reshape(-1) > 0
         start[~valid] = 0.0
         end[~valid] = 0.0
-        shape = (self.batch_size, self.seq_len)
-        return {"start_logits": start.reshape(shape), "end_logits": end.reshape(shape)}
+        return {"start_logits": start.reshape(rows, width), "end_logits": end.reshape(rows, width)}
 
     def _run_stream(
         self,
