@@ -460,8 +460,9 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     ours.add_argument(
         "--dynamic-peers",
         action="store_true",
-        help="also run the dynamic-shape peers on the padded model with dynamic axes (FIFO "
-        "pad-to-longest, length-sorted window, offline sorted oracle; --device onnx)",
+        help="also run the dynamic-shape rows (--device onnx): shape-aware packing on the packed "
+        "model with dynamic axes, and the peers on the padded one (FIFO pad-to-longest, "
+        "length-sorted window, offline sorted oracle)",
     )
     ours.add_argument(
         "--modes",

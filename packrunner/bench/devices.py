@@ -43,6 +43,7 @@ class DeviceSet:
     threads: int | None = None
     paths: Mapping[InputForm, Path] = field(default_factory=dict)
     dynamic_padded: Path | None = None
+    dynamic_packed: Path | None = None
 
     @classmethod
     def simulated(
@@ -94,6 +95,7 @@ class DeviceSet:
             raise ConfigError("give either a model or a checkpoint, not both")
         paths: dict[InputForm, Path] = {}
         dynamic_padded: Path | None = None
+        dynamic_packed: Path | None = None
         if model is not None:
             paths[InputForm.PACKED] = Path(model)
             paths[InputForm.PADDED] = Path(padded_model if padded_model is not None else model)
@@ -114,12 +116,15 @@ class DeviceSet:
                     paths[form] = default_model_path(
                         form, batch_size=batch_size, seq_len=seq_len, max_valid_num=max_valid_num
                     )
-            if checkpoint is not None:
-                dynamic_padded = checkpoint_model_path(
-                    checkpoint, InputForm.PADDED, seq_len=seq_len, dynamic=True
+            dynamic = {
+                form: (
+                    checkpoint_model_path(checkpoint, form, seq_len=seq_len, dynamic=True)
+                    if checkpoint is not None
+                    else default_model_path(form, seq_len=seq_len, dynamic=True)
                 )
-            else:
-                dynamic_padded = default_model_path(InputForm.PADDED, seq_len=seq_len, dynamic=True)
+                for form in (InputForm.PADDED, InputForm.PACKED)
+            }
+            dynamic_padded, dynamic_packed = dynamic[InputForm.PADDED], dynamic[InputForm.PACKED]
             if padded_model is not None:
                 paths[InputForm.PADDED] = Path(padded_model)
             if unpack_repack_model is not None:
@@ -137,6 +142,7 @@ class DeviceSet:
             threads=threads,
             paths=paths,
             dynamic_padded=dynamic_padded,
+            dynamic_packed=dynamic_packed,
         )
 
     def supports(self, algorithm: PackAlgorithm) -> bool:
@@ -167,26 +173,35 @@ class DeviceSet:
             raise ConfigError(f"no {form} model: pass --{form.replace('_', '-')}-model")
         return OnnxDevice(self.paths[form], intra_op_num_threads=self.threads)
 
-    def make_dynamic(self) -> Device:
-        """A new (unopened) device running the padded model with dynamic axes: one onnxruntime
-        session that takes any ``[rows, width]`` batch up to ``seq_len`` wide (its specs show
-        ``[batch_size, seq_len]``).
+    def make_dynamic(self, form: InputForm = InputForm.PADDED) -> Device:
+        """A new (unopened) device running the ``form`` model with dynamic axes: one
+        onnxruntime session that takes any ``[rows, width]`` batch within the
+        ``batch_size * seq_len`` token budget, up to ``seq_len`` wide (``PACKED``: what
+        shape-aware packing plans for, widths a multiple of 8).
 
         Raises:
             ConfigError: The set has no such model (the simulated backend, or ``--model``).
         """
+        from packrunner.devices.base import ShapeSet
         from packrunner.devices.onnx import OnnxDevice
 
-        if self.dynamic_padded is None:
+        paths = {InputForm.PADDED: self.dynamic_padded, InputForm.PACKED: self.dynamic_packed}
+        path = paths.get(form)
+        if path is None:
             raise ConfigError(
-                "the dynamic-shape peers need a padded model with dynamic axes: the embedded "
-                "default model or a checkpoint (--checkpoint, --minilm) on --device onnx"
+                f"no {form} model with dynamic axes: the dynamic-shape peers and shape-aware "
+                "packing run the embedded default model or a checkpoint (--checkpoint, --minilm) "
+                "on --device onnx"
             )
+        budget = self.batch_size * self.seq_len
         return OnnxDevice(
-            self.dynamic_padded,
+            path,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             intra_op_num_threads=self.threads,
+            shapes=ShapeSet.dynamic(
+                max_rows=max(self.batch_size, budget // 16), max_width=self.seq_len
+            ),
         )
 
     def for_algorithm(self, algorithm: PackAlgorithm) -> Device:

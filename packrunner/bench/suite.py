@@ -2,10 +2,10 @@
 
 One run: Original (padded), offline packing (attention mask; unpack/repack), online packing
 (unpack/repack; attention mask first_fit, next_fit and our lookahead), the ``batched`` peer on
-the same device, optionally the dynamic-shape peers (:mod:`.dynamic`: FIFO pad-to-longest,
-length-sorted window, offline sorted oracle), PopRT's closed-loop latency test, an open-loop
-(Poisson) sweep of offered load, and PopRT's MAE comparisons. Throughput modes run
-``repeats`` interleaved rounds; tables show medians and ratios measured side by side.
+the same device, optionally shape-aware packing and the dynamic-shape peers (:mod:`.dynamic`:
+FIFO pad-to-longest, length-sorted window, offline sorted oracle), PopRT's closed-loop latency
+test, an open-loop (Poisson) sweep of offered load, and PopRT's MAE comparisons. Throughput
+modes run ``repeats`` interleaved rounds; tables show medians and ratios measured side by side.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ OFFLINE_MODES: dict[str, PackAlgorithm] = {
     "offline_unpack_repack": PackAlgorithm.STREAM,
 }
 PEER = "peer_batched"
+#: Shape-aware packing (``--dynamic-peers``): lookahead on the packed model with dynamic axes,
+#: each batch's shape chosen by the calibrated cost model (:mod:`packrunner.shaping`).
+SHAPE_AWARE = "online_shape_aware"
 #: Dynamic-shape peers (``--dynamic-peers``): the padded model with dynamic axes.
 DYNAMIC_MODES: dict[str, DynamicStrategy] = {
     "dynamic_fifo": DynamicStrategy.FIFO,
@@ -76,7 +79,7 @@ COMPARISONS = (
     ("original", "offline_attention_mask"),
     ("original", "online_padded"),
     ("original", PEER),
-    *(("original", name) for name in DYNAMIC_MODES),
+    *(("original", name) for name in (SHAPE_AWARE, *DYNAMIC_MODES)),
 )
 
 
@@ -133,6 +136,7 @@ def _modes(
     if not skip_peer:
         modes[PEER] = ModeResult(PEER, "peer", InputForm.PADDED)
     if dynamic_peers:
+        modes[SHAPE_AWARE] = ModeResult(SHAPE_AWARE, "online", InputForm.PACKED)
         for name in DYNAMIC_MODES:
             modes[name] = ModeResult(name, "dynamic", InputForm.PADDED)
     if only is not None:
@@ -142,7 +146,7 @@ def _modes(
 
 def all_mode_names() -> list[str]:
     """Every throughput mode's name, in running order."""
-    return [*OFFLINE_MODES, *ONLINE_MODES, PEER, *DYNAMIC_MODES]
+    return [*OFFLINE_MODES, *ONLINE_MODES, PEER, SHAPE_AWARE, *DYNAMIC_MODES]
 
 
 def run_bench(
@@ -191,7 +195,8 @@ def run_bench(
         f"({args.distribution} lengths)"
     )
     if args.dynamic_peers:
-        devices.make_dynamic()  # refuses a set without the model before anything runs
+        devices.make_dynamic()  # refuse a set without the models before anything runs
+        devices.make_dynamic(InputForm.PACKED)
     modes = _modes(devices, args.skip_peer, args.dynamic_peers, args.modes)
 
     # --- throughput modes, interleaved rounds -------------------------------------------------
@@ -254,12 +259,17 @@ def run_bench(
                     if keep:
                         mode.results = dynamic.results
                 elif mode.kind == "online":
-                    algorithm = ONLINE_MODES[name]
+                    shaped = name == SHAPE_AWARE
+                    algorithm = PackAlgorithm.LOOKAHEAD if shaped else ONLINE_MODES[name]
                     online = measure_online(
-                        partial(devices.for_algorithm, algorithm),
+                        partial(devices.make_dynamic, InputForm.PACKED)
+                        if shaped
+                        else partial(devices.for_algorithm, algorithm),
                         _config(args, algorithm),
                         samples,
                         keep_results=keep,
+                        # Warm-up (untimed) calibrates the shape-aware planner's cost model.
+                        warmup=shaped,
                     )
                     mode.samples_per_s.append(online.samples_per_s)
                     mode.samples_per_batch = online.mean_samples_per_batch
