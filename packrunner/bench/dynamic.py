@@ -12,8 +12,9 @@ sample. They differ only in which samples share a batch (:class:`DynamicStrategy
 
 Like packrunner's online mode in ``bench``, the whole dataset is queued before the first batch,
 so an online batcher's batches are exactly the ones :func:`plan_dynamic` lists. A run
-(:func:`run_dynamic`) times everything after that: validation (the runner's
-:class:`~packrunner._codec.BatchFeeder`), feed building, the device, and cutting outputs back.
+(:func:`run_dynamic`) times everything after that: validation, feed building, the device,
+output checks and cutting outputs back, all by the runner's own
+:class:`~packrunner._codec.BatchFeeder` (each plan carries its batch's ``shape``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import numpy as np
 from packrunner._codec import BatchFeeder
 from packrunner.config import PackAlgorithm, RunnerConfig
 from packrunner.devices.base import Device
-from packrunner.packing import PackPlan, build_feeds, unpack_outputs
+from packrunner.packing import PackPlan
 
-__all__ = ["DynamicBatch", "DynamicRun", "DynamicStrategy", "plan_dynamic", "run_dynamic"]
+__all__ = ["DynamicRun", "DynamicStrategy", "plan_dynamic", "run_dynamic"]
 
 
 class DynamicStrategy(enum.StrEnum):
@@ -42,23 +43,11 @@ class DynamicStrategy(enum.StrEnum):
     SORTED_ORACLE = "sorted_oracle"
 
 
-@dataclass(frozen=True, slots=True)
-class DynamicBatch:
-    """One batch of a dynamic-shape peer: ``plan`` (one sample per row) at ``[rows, width]``."""
-
-    plan: PackPlan
-    width: int
-
-    @property
-    def rows(self) -> int:
-        """Rows of the batch: its sample count."""
-        return self.plan.num_samples
-
-
 def plan_dynamic(
     lengths: Sequence[int], strategy: DynamicStrategy, *, batch_size: int, window: int
-) -> list[DynamicBatch]:
-    """The batches of ``strategy`` over a queue of ``lengths`` (oldest first), in dispatch order.
+) -> list[PackPlan]:
+    """The batches of ``strategy`` over a queue of ``lengths`` (oldest first), in dispatch order:
+    one sample per row, each plan's ``shape`` ``(samples, longest)``.
 
     Args:
         lengths: Sample lengths, oldest first.
@@ -97,14 +86,12 @@ def _group_starts(count: int, batch_size: int, window: int) -> list[int]:
     return starts
 
 
-def _padded_batch(group: Sequence[int], lengths: Sequence[int]) -> DynamicBatch:
+def _padded_batch(group: Sequence[int], lengths: Sequence[int]) -> PackPlan:
     group_lengths = np.array([lengths[i] for i in group], dtype=np.int64)
     width = int(group_lengths.max())
     rows = np.arange(len(group), dtype=np.int64)
-    plan = PackPlan(
-        tuple(group), group_lengths, rows * width, np.ones(len(group), dtype=np.int64), True
-    )
-    return DynamicBatch(plan, width)
+    ones = np.ones(len(group), dtype=np.int64)
+    return PackPlan(tuple(group), group_lengths, rows * width, ones, True, (len(group), width))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,44 +125,30 @@ class DynamicRun:
 def run_dynamic(
     device: Device,
     samples: Sequence[Mapping[str, Any]],
-    batches: Sequence[DynamicBatch],
+    batches: Sequence[PackPlan],
     config: RunnerConfig,
 ) -> DynamicRun:
-    """Validate, feed and run every batch at its own ``[rows, width]`` on an opened ``device``.
+    """Validate, feed and run every batch at its own shape on an opened ``device``.
 
-    ``device`` must accept any batch shape up to ``config.seq_len`` wide (a padded model with
-    dynamic axes); samples are validated by the same :class:`~packrunner._codec.BatchFeeder`
-    packrunner uses (``config`` with ``algorithm=padded``), and feeds are cast to its dtypes.
+    ``device`` must run every batch's shape (a padded model with dynamic axes, see
+    :meth:`~packrunner.bench.devices.DeviceSet.make_dynamic`). Samples are validated, feeds
+    built and outputs checked and cut back by the same :class:`~packrunner._codec.BatchFeeder`
+    packrunner uses (``config`` with ``algorithm=padded``).
     """
     feeder = BatchFeeder(device, replace(config, algorithm=PackAlgorithm.PADDED))
-    specs = device.input_specs
-    mask_input = config.mask_input_name if config.mask_input_name in specs else None
-    position_input = config.position_input_name if config.position_input_name in specs else None
     results: list[dict[str, Any]] = [{} for _ in samples]
     busy = 0.0
     padded_tokens = 0
     started = time.perf_counter()
     prepared = [feeder.prepare(sample) for sample in samples]
-    for batch in batches:
-        plan = batch.plan
-        chosen = [prepared[i] for i in plan.chosen]
-        feeds: dict[str, Any] = build_feeds(
-            plan,
-            {name: [s.tokens[name] for s in chosen] for name in chosen[0].tokens},
-            batch_size=batch.rows,
-            seq_len=batch.width,
-            position_input=position_input,
-            mask_input=mask_input,
-        )
-        for name, array in feeds.items():
-            if array.dtype != specs[name].dtype:
-                feeds[name] = array.astype(specs[name].dtype)
+    for plan in batches:
+        feeds = feeder.feeds(plan, [prepared[i] for i in plan.chosen])
         run_started = time.perf_counter()
         outputs = device.run(feeds)
         busy += time.perf_counter() - run_started
-        padded_tokens += batch.rows * batch.width
-        pieces = unpack_outputs(plan, outputs, feeder.outputs, seq_len=batch.width)
-        for index, result in zip(plan.chosen, pieces, strict=True):
+        rows, width = feeder.shape_of(plan)
+        padded_tokens += rows * width
+        for index, result in zip(plan.chosen, feeder.results(plan, outputs), strict=True):
             results[index] = result
     wall = time.perf_counter() - started
     valid = sum(s.length for s in prepared)

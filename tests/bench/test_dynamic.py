@@ -43,21 +43,21 @@ def test_every_sample_goes_once_into_a_batch_as_wide_as_its_longest(
     lengths: list[int], batch_size: int, window: int, strategy: DynamicStrategy
 ) -> None:
     batches = plan_dynamic(lengths, strategy, batch_size=batch_size, window=window)
-    chosen = [i for batch in batches for i in batch.plan.chosen]
+    chosen = [i for batch in batches for i in batch.chosen]
     assert sorted(chosen) == list(range(len(lengths)))
     for batch in batches:
-        group = [lengths[i] for i in batch.plan.chosen]
-        assert 1 <= batch.rows <= batch_size
-        assert batch.width == max(group)
-        np.testing.assert_array_equal(batch.plan.starts, np.arange(batch.rows) * batch.width)
+        group = [lengths[i] for i in batch.chosen]
+        assert batch.shape == (len(group), max(group))
+        assert 1 <= len(group) <= batch_size
+        np.testing.assert_array_equal(batch.starts, np.arange(len(group)) * max(group))
     if strategy is DynamicStrategy.FIFO:
         assert chosen == list(range(len(lengths)))  # arrival order, chunks of batch_size
-        assert all(b.rows == batch_size for b in batches[:-1])
+        assert all(b.num_samples == batch_size for b in batches[:-1])
     elif strategy is DynamicStrategy.SORTED_ORACLE:
         assert [lengths[i] for i in chosen] == sorted(lengths)
     else:  # each window of arrivals sorted on its own; no batch spans two windows
         for batch in batches:
-            assert len({i // window for i in batch.plan.chosen}) == 1
+            assert len({i // window for i in batch.chosen}) == 1
         for start in range(0, len(lengths), window):
             in_window = [i for i in chosen if start <= i < start + window]
             assert [lengths[i] for i in in_window] == sorted(lengths[start : start + window])
