@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from packrunner._version import __version__
+from packrunner.bench.dataset import DISTRIBUTIONS
 from packrunner.config import PackAlgorithm
 from packrunner.devices.simulated import POPRT_IPU_BATCH_LATENCY_US
 from packrunner.errors import (
@@ -193,7 +194,7 @@ def _shape_parent(*, poprt_aliases: bool) -> argparse.ArgumentParser:
 
 def _workload_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("workload (PopRT's synthetic data)")
+    group = parent.add_argument_group("workload (synthetic data; PopRT's by default)")
     group.add_argument(
         "--iterations",
         type=_positive_int,
@@ -201,7 +202,17 @@ def _workload_parent() -> argparse.ArgumentParser:
         help="batches' worth of samples (default: 100, or 10 with --minilm)",
     )
     group.add_argument(
-        "--avg-seq-len", type=_positive_int, default=128, help="mean of the length distribution"
+        "--distribution",
+        choices=list(DISTRIBUTIONS),
+        default="seed",
+        help="sample lengths: "
+        + "; ".join(f"{name}: {what}" for name, what in DISTRIBUTIONS.items()),
+    )
+    group.add_argument(
+        "--avg-seq-len",
+        type=_positive_int,
+        default=128,
+        help="mean of the seed length distribution",
     )
     group.add_argument(
         "--emb-size",
@@ -294,7 +305,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         format_accuracy,
         format_comparison,
     )
-    from packrunner.bench.dataset import poprt_dataset
+    from packrunner.bench.dataset import synthetic_dataset
     from packrunner.config import RunnerConfig
 
     devices = _device_set(args)
@@ -306,7 +317,8 @@ def _run_compare(args: argparse.Namespace) -> int:
             "when --model is given"
         )
     algorithms = [a for a in algorithms if devices.supports(a)]
-    samples = poprt_dataset(
+    samples = synthetic_dataset(
+        args.distribution,
         args.iterations * args.batch_size,
         avg_seq_len=args.avg_seq_len,
         max_seq_len=args.seq_len,
@@ -320,7 +332,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     )
     title = (
         f"{devices.name}, [{args.batch_size}, {args.seq_len}], {len(samples)} samples of "
-        f"PopRT's synthetic distribution, timeout {args.timeout_us} us, median of "
+        f"the {args.distribution} length distribution, timeout {args.timeout_us} us, median of "
         f"{args.repeats} interleaved runs"
     )
     if unsupported:
@@ -445,6 +457,24 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
         "--sweep-seconds", type=_positive_float, default=2.0, help="duration of each rate"
     )
     ours.add_argument("--skip-peer", action="store_true", help="do not run the batched peer")
+    ours.add_argument(
+        "--dynamic-peers",
+        action="store_true",
+        help="also run the dynamic-shape rows (--device onnx): shape-aware packing on the packed "
+        "model with dynamic axes, and the peers on the padded one (FIFO pad-to-longest, "
+        "length-sorted window, offline sorted oracle)",
+    )
+    ours.add_argument(
+        "--modes",
+        type=_mode_names,
+        help="comma-separated throughput modes to run (online_padded and online_lookahead "
+        "always run; default: every mode the device can run)",
+    )
+    ours.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the throughput modes: no closed loop, no open-loop sweep, no plots",
+    )
     ours.add_argument("--no-plots", action="store_true", help="write no PNGs")
     ours.add_argument("--results-dir", default="results", help="where JSON, CSV and PNGs go")
     ours.add_argument(
@@ -454,6 +484,20 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
         "devices of the default model vs padded and packed [batch, seq], on PopRT's and a "
         "short-text distribution",
     )
+
+
+def _mode_names(text: str) -> list[str]:
+    """A comma-separated list of ``packrunner bench`` throughput modes."""
+    from packrunner.bench.suite import all_mode_names
+
+    known = all_mode_names()
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {unknown or [text]}; choose from {', '.join(known)}"
+        )
+    return names
 
 
 def _run_bench(args: argparse.Namespace) -> int:

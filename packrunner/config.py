@@ -22,8 +22,11 @@ class PackAlgorithm(enum.Enum):
             room; the batch closes at the first sample that fits nowhere or at ``max_valid_num``.
         LOOKAHEAD: packrunner's default. Each row is anchored by the oldest sample still waiting,
             then topped up with the largest samples that still fit, chosen from the oldest
-            ``lookahead`` queued samples. Starvation-free: the ``batch_size`` oldest waiting
-            samples always go into the next batch (see ``packing.lookahead``).
+            ``lookahead`` queued samples; per batch, first-fit's plan is kept instead when it
+            leaves the rest of the window needing fewer batches, so lookahead is never worse
+            than first-fit batch by batch. Starvation-free: the ``min(batch_size,
+            max_valid_num)`` oldest waiting samples always go into the next batch (see
+            ``packing._lookahead``).
         STREAM: across-rows mode (PopRT "end-to-end"): samples are laid end to end in the
             flattened ``batch_size * seq_len`` token stream and may cross row boundaries; needs a
             model of :attr:`InputForm.UNPACK_REPACK`.

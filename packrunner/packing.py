@@ -201,18 +201,68 @@ class _LengthIndex:
 def _lookahead(
     lengths: Sequence[int], batch_size: int, seq_len: int, max_valid_num: int, lookahead: int
 ) -> tuple[list[_Placement], bool]:
-    """Anchored best-fit over a bounded window.
+    """The better of two plans over the oldest ``lookahead`` candidates: anchored best-fit
+    (:func:`_anchored_best_fit`) and first-fit in arrival order (:func:`_first_fit`).
 
-    Row by row: the oldest unplaced candidate anchors the row (so the oldest waiting sample
-    always goes first, and the ``min(batch_size, max_valid_num)`` oldest always go in this
-    batch: a sample with ``p`` older samples waiting is dispatched within
-    ``p // min(batch_size, max_valid_num, lookahead) + 1`` batches, whatever else arrives).
-    The rest of the row is topped up with the largest candidates from the window that still fit,
-    which fills rows almost exactly on real length mixes. Slots are reserved so that the
-    ``max_valid_num`` cap never takes away a later row's anchor. When the cap rather than the
-    token budget binds and first-fit would hold more samples, first-fit's plan is used.
+    "Better" is the plan after which the rest of the window needs fewer batches by
+    :func:`_batches_left`'s lower bound (ties: more samples, then more tokens, then anchored
+    best-fit). Anchored best-fit usually wins; first-fit wins where largest-first topping-up
+    would burn the short samples the long ones need as row mates (a bimodal mix), or where the
+    sample cap binds. Both plans take the ``min(batch_size, max_valid_num, lookahead)`` oldest
+    candidates, so the choice keeps the oldest-first guarantee: a sample with ``p`` older samples
+    waiting is dispatched within ``p // min(batch_size, max_valid_num, lookahead) + 1`` batches.
     """
     window = lengths[:lookahead]
+    candidates = (
+        _anchored_best_fit(window, batch_size, seq_len, max_valid_num),
+        _first_fit(window, batch_size, seq_len, max_valid_num),
+    )
+    left = _BatchesLeft(window, batch_size, seq_len, max_valid_num)
+    placements, full = min(candidates, key=lambda candidate: left.after(candidate[0]))
+    return placements, full or len(placements) < len(lengths)
+
+
+class _BatchesLeft:
+    """A lower bound on the batches the rest of a window needs once a plan has taken its part.
+
+    Three resources bound it, whichever is scarcest: tokens (``batch_size * seq_len`` a batch),
+    samples (``max_valid_num`` a batch) and rows for samples longer than ``seq_len / 2`` (no
+    two of them share a row, so at most ``batch_size`` a batch).
+    """
+
+    def __init__(
+        self, window: Sequence[int], batch_size: int, seq_len: int, max_valid_num: int
+    ) -> None:
+        self._window = window
+        self._tokens_per_batch = batch_size * seq_len
+        self._batch_size = batch_size
+        self._max_valid_num = max_valid_num
+        self._half = seq_len // 2
+        self._tokens = sum(window)
+        self._long = sum(1 for length in window if length > self._half)
+
+    def after(self, placements: Sequence[_Placement]) -> tuple[float, int, int]:
+        """Sort key of a plan: (batches left, fewer samples taken, fewer tokens taken)."""
+        taken = [self._window[index] for index, _, _ in placements]
+        tokens = sum(taken)
+        long = sum(1 for length in taken if length > self._half)
+        left = max(
+            (self._tokens - tokens) / self._tokens_per_batch,
+            (len(self._window) - len(taken)) / self._max_valid_num,
+            (self._long - long) / self._batch_size,
+        )
+        return left, -len(taken), -tokens
+
+
+def _anchored_best_fit(
+    window: Sequence[int], batch_size: int, seq_len: int, max_valid_num: int
+) -> tuple[list[_Placement], bool]:
+    """Row by row: the oldest unplaced candidate anchors the row (so the oldest waiting sample
+    always goes first, and the ``min(batch_size, max_valid_num)`` oldest always go in this
+    batch), then the rest of the row is topped up with the largest candidates that still fit,
+    which fills rows almost exactly on real length mixes. Slots are reserved so that the
+    ``max_valid_num`` cap never takes away a later row's anchor.
+    """
     index = _LengthIndex(window)
     placed = [False] * len(window)
     placements: list[_Placement] = []
@@ -239,16 +289,11 @@ def _lookahead(
             placements.append((filler, row, seq_len - room))
             room -= filler_length
         used_tokens += seq_len - room
-    left_out = len(placements) < len(lengths)
-    if left_out and len(placements) < max_valid_num:
-        # Largest-first filling maximises tokens, which is what counts while the token budget
-        # binds. When the sample cap binds instead (short samples), first-fit in arrival order
-        # can hold more samples; take it then. It also keeps the oldest-first guarantee: its
-        # first min(batch_size, max_valid_num) samples are the oldest and always fit.
-        first_fit, first_fit_full = _first_fit(window, batch_size, seq_len, max_valid_num)
-        if len(first_fit) > len(placements):
-            return first_fit, first_fit_full or len(first_fit) < len(lengths)
-    full = left_out or len(placements) == max_valid_num or used_tokens == batch_size * seq_len
+    full = (
+        len(placements) < len(window)
+        or len(placements) == max_valid_num
+        or used_tokens == batch_size * seq_len
+    )
     return placements, full
 
 

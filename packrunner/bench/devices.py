@@ -2,7 +2,8 @@
 
 A benchmark needs a fresh device per run, of the model form each packing algorithm feeds:
 ``padded`` (one sample per row), ``packed`` (segment-id mask, several samples per row) or
-``unpack_repack`` (samples across rows). :class:`DeviceSet` knows where each form comes from:
+``unpack_repack`` (samples across rows), and for the dynamic-shape peers the padded model with
+dynamic axes. :class:`DeviceSet` knows where each form comes from:
 :class:`~packrunner.devices.simulated.SimulatedDevice` timing, the embedded default BERT, a
 Hugging Face checkpoint, or the user's own ONNX files.
 """
@@ -41,6 +42,8 @@ class DeviceSet:
     batch_latency_us: int = POPRT_IPU_BATCH_LATENCY_US
     threads: int | None = None
     paths: Mapping[InputForm, Path] = field(default_factory=dict)
+    dynamic_padded: Path | None = None
+    dynamic_packed: Path | None = None
 
     @classmethod
     def simulated(
@@ -91,6 +94,8 @@ class DeviceSet:
         if model is not None and checkpoint is not None:
             raise ConfigError("give either a model or a checkpoint, not both")
         paths: dict[InputForm, Path] = {}
+        dynamic_padded: Path | None = None
+        dynamic_packed: Path | None = None
         if model is not None:
             paths[InputForm.PACKED] = Path(model)
             paths[InputForm.PADDED] = Path(padded_model if padded_model is not None else model)
@@ -111,6 +116,15 @@ class DeviceSet:
                     paths[form] = default_model_path(
                         form, batch_size=batch_size, seq_len=seq_len, max_valid_num=max_valid_num
                     )
+            dynamic = {
+                form: (
+                    checkpoint_model_path(checkpoint, form, seq_len=seq_len, dynamic=True)
+                    if checkpoint is not None
+                    else default_model_path(form, seq_len=seq_len, dynamic=True)
+                )
+                for form in (InputForm.PADDED, InputForm.PACKED)
+            }
+            dynamic_padded, dynamic_packed = dynamic[InputForm.PADDED], dynamic[InputForm.PACKED]
             if padded_model is not None:
                 paths[InputForm.PADDED] = Path(padded_model)
             if unpack_repack_model is not None:
@@ -127,6 +141,8 @@ class DeviceSet:
             name=f"onnxruntime CPU ({os.cpu_count()} cores), {name}",
             threads=threads,
             paths=paths,
+            dynamic_padded=dynamic_padded,
+            dynamic_packed=dynamic_packed,
         )
 
     def supports(self, algorithm: PackAlgorithm) -> bool:
@@ -156,6 +172,37 @@ class DeviceSet:
         if form not in self.paths:
             raise ConfigError(f"no {form} model: pass --{form.replace('_', '-')}-model")
         return OnnxDevice(self.paths[form], intra_op_num_threads=self.threads)
+
+    def make_dynamic(self, form: InputForm = InputForm.PADDED) -> Device:
+        """A new (unopened) device running the ``form`` model with dynamic axes: one
+        onnxruntime session that takes any ``[rows, width]`` batch within the
+        ``batch_size * seq_len`` token budget, up to ``seq_len`` wide (``PACKED``: what
+        shape-aware packing plans for, widths a multiple of 8).
+
+        Raises:
+            ConfigError: The set has no such model (the simulated backend, or ``--model``).
+        """
+        from packrunner.devices.base import ShapeSet
+        from packrunner.devices.onnx import OnnxDevice
+
+        paths = {InputForm.PADDED: self.dynamic_padded, InputForm.PACKED: self.dynamic_packed}
+        path = paths.get(form)
+        if path is None:
+            raise ConfigError(
+                f"no {form} model with dynamic axes: the dynamic-shape peers and shape-aware "
+                "packing run the embedded default model or a checkpoint (--checkpoint, --minilm) "
+                "on --device onnx"
+            )
+        budget = self.batch_size * self.seq_len
+        return OnnxDevice(
+            path,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            intra_op_num_threads=self.threads,
+            shapes=ShapeSet.dynamic(
+                max_rows=max(self.batch_size, budget // 16), max_width=self.seq_len
+            ),
+        )
 
     def for_algorithm(self, algorithm: PackAlgorithm) -> Device:
         """A new device of the form ``algorithm`` feeds."""

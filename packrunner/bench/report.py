@@ -66,7 +66,12 @@ def to_json(payload: Mapping[str, Any]) -> str:
 
 
 #: One colour per mode kind in the throughput plot, and per latency target in the others.
-KIND_COLOURS: dict[str, str] = {"offline": "#8c8c8c", "online": "#4C72B0", "peer": "#DD8452"}
+KIND_COLOURS: dict[str, str] = {
+    "offline": "#8c8c8c",
+    "online": "#4C72B0",
+    "peer": "#DD8452",
+    "dynamic": "#55A868",
+}
 TARGET_COLOURS: dict[str, str] = {
     "online_padded": "#8c8c8c",
     "online_lookahead": "#4C72B0",

@@ -2,9 +2,10 @@
 
 One run: Original (padded), offline packing (attention mask; unpack/repack), online packing
 (unpack/repack; attention mask first_fit, next_fit and our lookahead), the ``batched`` peer on
-the same device, PopRT's closed-loop latency test, an open-loop (Poisson) sweep of offered load,
-and PopRT's MAE comparisons. Throughput modes run ``repeats`` interleaved rounds; tables show
-medians and ratios measured side by side.
+the same device, optionally shape-aware packing and the dynamic-shape peers (:mod:`.dynamic`:
+FIFO pad-to-longest, length-sorted window, offline sorted oracle), PopRT's closed-loop latency
+test, an open-loop (Poisson) sweep of offered load, and PopRT's MAE comparisons. Throughput
+modes run ``repeats`` interleaved rounds; tables show medians and ratios measured side by side.
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ import numpy.typing as npt
 from packrunner._version import __version__
 from packrunner.bench.accuracy import compare_results
 from packrunner.bench.compare import measure_online
-from packrunner.bench.dataset import poprt_dataset
+from packrunner.bench.dataset import poprt_dataset, synthetic_dataset
 from packrunner.bench.devices import DeviceSet
+from packrunner.bench.dynamic import DynamicStrategy, plan_dynamic, run_dynamic
 from packrunner.bench.latency import Target
 from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
 from packrunner.packing import drain_queue
 from packrunner.runner import PackRunner
 
-__all__ = ["ModeResult", "knee_label", "run_bench"]
+__all__ = ["ModeResult", "all_mode_names", "knee_label", "run_bench"]
 
-ModeKind = Literal["offline", "online", "peer"]
+ModeKind = Literal["offline", "online", "peer", "dynamic"]
 
 #: Online modes: the algorithm each runs (its model form follows from it).
 ONLINE_MODES: dict[str, PackAlgorithm] = {
@@ -57,6 +59,17 @@ OFFLINE_MODES: dict[str, PackAlgorithm] = {
     "offline_same_plan": PackAlgorithm.LOOKAHEAD,
 }
 PEER = "peer_batched"
+#: Shape-aware packing (``--dynamic-peers``): lookahead on the packed model with dynamic axes,
+#: each batch's shape chosen by the calibrated cost model (:mod:`packrunner.shaping`).
+SHAPE_AWARE = "online_shape_aware"
+#: Dynamic-shape peers (``--dynamic-peers``): the padded model with dynamic axes.
+DYNAMIC_MODES: dict[str, DynamicStrategy] = {
+    "dynamic_fifo": DynamicStrategy.FIFO,
+    "dynamic_sorted_window": DynamicStrategy.SORTED_WINDOW,
+    "dynamic_sorted_oracle": DynamicStrategy.SORTED_ORACLE,
+}
+#: The packrunner row every ratio of the closing table is taken against.
+PACKRUNNER = "online_lookahead"
 # Option values recorded in results.json (the parsed namespace also holds parser objects).
 _ARG_TYPES = (str, int, float, list, Path, type(None))
 #: PopRT's comparisons, then ours (expected, actual).
@@ -71,6 +84,7 @@ COMPARISONS = (
     ("original", "offline_attention_mask"),
     ("original", "online_padded"),
     ("original", PEER),
+    *(("original", name) for name in (SHAPE_AWARE, *DYNAMIC_MODES)),
 )
 
 
@@ -106,8 +120,15 @@ def _config(args: argparse.Namespace, algorithm: PackAlgorithm) -> RunnerConfig:
     )
 
 
-def _modes(devices: DeviceSet, skip_peer: bool) -> dict[str, ModeResult]:
-    """Every mode the device set can run, in running order."""
+#: Modes every run keeps (ratios are taken against them).
+REQUIRED_MODES = ("online_padded", PACKRUNNER)
+
+
+def _modes(
+    devices: DeviceSet, skip_peer: bool, dynamic_peers: bool, only: Sequence[str] | None = None
+) -> dict[str, ModeResult]:
+    """Every mode the device set can run, in running order (only ``only``'s and the required
+    ones, when given)."""
     modes: dict[str, ModeResult] = {}
     tables: tuple[tuple[dict[str, PackAlgorithm], ModeKind], ...] = (
         (OFFLINE_MODES, "offline"),
@@ -119,7 +140,18 @@ def _modes(devices: DeviceSet, skip_peer: bool) -> dict[str, ModeResult]:
                 modes[name] = ModeResult(name, kind, InputForm.for_algorithm(algorithm))
     if not skip_peer:
         modes[PEER] = ModeResult(PEER, "peer", InputForm.PADDED)
+    if dynamic_peers:
+        modes[SHAPE_AWARE] = ModeResult(SHAPE_AWARE, "online", InputForm.PACKED)
+        for name in DYNAMIC_MODES:
+            modes[name] = ModeResult(name, "dynamic", InputForm.PADDED)
+    if only is not None:
+        modes = {n: m for n, m in modes.items() if n in only or n in REQUIRED_MODES}
     return modes
+
+
+def all_mode_names() -> list[str]:
+    """Every throughput mode's name, in running order."""
+    return [*OFFLINE_MODES, *ONLINE_MODES, PEER, SHAPE_AWARE, *DYNAMIC_MODES]
 
 
 def run_bench(
@@ -155,15 +187,22 @@ def run_bench(
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     dataset_size = args.iterations * args.batch_size
-    samples = poprt_dataset(
+    samples = synthetic_dataset(
+        args.distribution,
         dataset_size,
         avg_seq_len=args.avg_seq_len,
         max_seq_len=args.seq_len,
         emb_size=devices.vocab_size(args.emb_size),
     )
     lengths = [len(s["input_ids"]) for s in samples]
-    title = f"{devices.name}, [{args.batch_size},{args.seq_len}], {dataset_size} samples"
-    modes = _modes(devices, args.skip_peer)
+    title = (
+        f"{devices.name}, [{args.batch_size},{args.seq_len}], {dataset_size} samples "
+        f"({args.distribution} lengths)"
+    )
+    if args.dynamic_peers:
+        devices.make_dynamic()  # refuse a set without the models before anything runs
+        devices.make_dynamic(InputForm.PACKED)
+    modes = _modes(devices, args.skip_peer, args.dynamic_peers, args.modes)
 
     # --- throughput modes, interleaved rounds -------------------------------------------------
     plans = {
@@ -187,6 +226,13 @@ def run_bench(
             max_valid_num=lookahead.max_valid_num,
             lookahead=lookahead.lookahead,
         )
+    dynamic_batches = {
+        name: plan_dynamic(
+            lengths, strategy, batch_size=args.batch_size, window=max(256, args.max_valid_num + 1)
+        )
+        for name, strategy in DYNAMIC_MODES.items()
+        if name in modes
+    }
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("throughput modes", total=args.repeats * len(modes))
         for round_number in range(args.repeats):
@@ -209,13 +255,36 @@ def run_bench(
                     mode.pack_us_per_sample = offline.pack_s * 1e6 / offline.samples
                     if keep:
                         mode.results = offline.results
+                elif mode.kind == "dynamic":
+                    device = devices.make_dynamic()
+                    device.open()
+                    try:
+                        dynamic = run_dynamic(
+                            device,
+                            samples,
+                            dynamic_batches[name],
+                            _config(args, PackAlgorithm.PADDED),
+                        )
+                    finally:
+                        device.close()
+                    mode.samples_per_s.append(dynamic.samples_per_s)
+                    mode.samples_per_batch = dynamic.mean_samples_per_batch
+                    mode.device_busy_fraction.append(dynamic.device_busy_s / dynamic.wall_s)
+                    mode.batch_ms.append(dynamic.device_busy_s / dynamic.batches * 1e3)
+                    if keep:
+                        mode.results = dynamic.results
                 elif mode.kind == "online":
-                    algorithm = ONLINE_MODES[name]
+                    shaped = name == SHAPE_AWARE
+                    algorithm = PackAlgorithm.LOOKAHEAD if shaped else ONLINE_MODES[name]
                     online = measure_online(
-                        partial(devices.for_algorithm, algorithm),
+                        partial(devices.make_dynamic, InputForm.PACKED)
+                        if shaped
+                        else partial(devices.for_algorithm, algorithm),
                         _config(args, algorithm),
                         samples,
                         keep_results=keep,
+                        # Warm-up (untimed) calibrates the shape-aware planner's cost model.
+                        warmup=shaped,
                     )
                     mode.samples_per_s.append(online.samples_per_s)
                     mode.samples_per_batch = online.mean_samples_per_batch
@@ -232,6 +301,7 @@ def run_bench(
                 progress.advance(task)
 
     padded_rate = modes["online_padded"].samples_per_s
+    packrunner_rate = modes[PACKRUNNER].samples_per_s
     ratios = {
         name: statistics.median(m.samples_per_s[r] / padded_rate[r] for r in range(args.repeats))
         for name, m in modes.items()
@@ -245,6 +315,13 @@ def run_bench(
             strict=True,
         )
         same_plan = statistics.median(online / offline for online, offline in pairs)
+    # Each round measured side by side: packrunner's rate over the mode's, per round, median.
+    packrunner_ratios = {
+        name: statistics.median(
+            packrunner_rate[r] / m.samples_per_s[r] for r in range(args.repeats)
+        )
+        for name, m in modes.items()
+    }
     host: dict[str, float] | None = None
     if devices.backend == "sim":
         host_samples = poprt_dataset(max(dataset_size, 16_000), emb_size=args.emb_size)
@@ -265,6 +342,8 @@ def run_bench(
     clients = args.clients or int(args.batch_size * 3.5)
     per_client = args.requests_per_client or max(20, 4 * dataset_size // clients)
     latency_targets = [n for n in ("online_padded", "online_lookahead", PEER) if n in modes]
+    if args.throughput_only:
+        latency_targets = []
     closed: dict[str, Any] = {}
     closed_latencies: dict[str, npt.NDArray[np.float64]] = {}
     sweep: dict[str, list[dict[str, Any]]] = {}
@@ -338,6 +417,7 @@ def run_bench(
         "title": title,
         "command": command,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, _ARG_TYPES)},
+        "distribution": args.distribution,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "models": {str(form): str(path) for form, path in devices.paths.items()},
         "modes": {
@@ -347,6 +427,7 @@ def run_bench(
                 "samples_per_s_median": m.median,
                 "samples_per_s_runs": m.samples_per_s,
                 "ratio_to_online_padded": ratios[name],
+                "packrunner_speedup": packrunner_ratios[name],
                 "samples_per_batch": m.samples_per_batch,
                 "device_busy_fraction": statistics.median(m.device_busy_fraction)
                 if m.device_busy_fraction
@@ -370,7 +451,7 @@ def run_bench(
         "token_limit_samples_per_batch": token_limit,
         "accuracy": accuracy,
     }
-    if not args.no_plots:
+    if not args.no_plots and not args.throughput_only:
         payload["plots"] = [str(p) for p in plot_all(results_dir, payload, closed_latencies)]
     write_json(results_dir / "results.json", payload)
     if not args.json:
@@ -457,12 +538,13 @@ def _print_report(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=120)
+    console = Console(width=150)
     table = Table(title=f"Throughput: {payload['title']} (median of {args.repeats} rounds)")
     for column in (
         "mode",
         "samples/s",
         "vs online padded",
+        "packrunner speed-up",
         "samples/batch",
         "device busy",
         "ms/batch",
@@ -474,6 +556,7 @@ def _print_report(
             name,
             f"{m['samples_per_s_median']:.1f}",
             f"{m['ratio_to_online_padded']:.2f}x",
+            f"{m['packrunner_speedup']:.2f}x",
             f"{m['samples_per_batch']:.2f}",
             f"{m['device_busy_fraction']:.0%}" if m["device_busy_fraction"] is not None else "-",
             f"{m['batch_ms_median']:.1f}" if m["batch_ms_median"] is not None else "-",
@@ -481,13 +564,14 @@ def _print_report(
         )
     console.print(table)
     modes = payload["modes"]
-    offline = modes["offline_attention_mask"]["samples_per_batch"]
-    across_rows = modes.get("offline_unpack_repack", {}).get("samples_per_batch")
-    echo(
-        f"Offline attention-mask packing: {offline:.2f} samples per batch, token limit "
-        f"{payload['token_limit_samples_per_batch']:.2f}"
-        + (f" (offline unpack/repack {across_rows:.2f})." if across_rows else ".")
-    )
+    if "offline_attention_mask" in modes:
+        offline = modes["offline_attention_mask"]["samples_per_batch"]
+        across_rows = modes.get("offline_unpack_repack", {}).get("samples_per_batch")
+        echo(
+            f"Offline attention-mask packing: {offline:.2f} samples per batch, token limit "
+            f"{payload['token_limit_samples_per_batch']:.2f}"
+            + (f" (offline unpack/repack {across_rows:.2f})." if across_rows else ".")
+        )
     if modes["online_lookahead"]["fraction_of_ideal"] is not None:
         echo(
             "Online lookahead achieves "
@@ -512,6 +596,9 @@ def _print_report(
             f"{ours / peer:.2f}x throughput."
         )
 
+    if args.throughput_only:
+        _print_accuracy(payload, args, echo)
+        return
     latency = Table(
         title=f"Closed loop (PopRT's): {payload['closed_loop']['clients']} client threads"
     )
@@ -540,7 +627,12 @@ def _print_report(
     console.print(sweep)
     for name, knee in payload["knees"].items():
         echo(f"knee of {name}: {knee_label(knee)}")
+    _print_accuracy(payload, args, echo)
 
+
+def _print_accuracy(
+    payload: dict[str, Any], args: argparse.Namespace, echo: Callable[[str], None]
+) -> None:
     for comparison, outputs in payload["accuracy"].items():
         echo(f"\nCompare results between {comparison}")
         for output, a in outputs.items():

@@ -184,6 +184,7 @@ def checkpoint_model_path(
     max_valid_num: int = 40,
     head: Head | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    dynamic: bool = False,
 ) -> Path:
     """Path of a model built from a Hugging Face checkpoint folder, built on first use.
 
@@ -198,6 +199,8 @@ def checkpoint_model_path(
         max_valid_num: Samples per batch / segments per row.
         head: ``"qa"`` or ``"encoder"``; default: ``"qa"`` when the checkpoint has a QA head.
         cache_dir: Directory for the file; defaults to :func:`default_cache_dir`.
+        dynamic: Build with symbolic ``batch`` / ``seq`` dims (packed and padded forms), as
+            :func:`default_model_path` does.
     """
     from packrunner.models.bert import has_qa_head, load_hf_checkpoint
 
@@ -232,7 +235,11 @@ def checkpoint_model_path(
             max_valid_num=max_valid_num,
             head=chosen,
             opset=MIN_OPSET,
+            dynamic=dynamic,
         )
 
     stem = f"{source.name}-{form}-b{batch_size}-s{seq_len}-m{max_valid_num}"
+    if dynamic:  # only then, so the fixed models keep their cached files
+        params["dynamic"] = True
+        stem += "-dynamic"
     return _cached_model(stem, params, build, cache_dir)
