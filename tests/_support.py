@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from packrunner import SimulatedDevice, simulated_reference
+from packrunner import ShapeSet, SimulatedDevice, simulated_reference
+from packrunner.devices.base import Device, OutputSpec, TensorSpec
 
 VOCAB = 30522
 
@@ -357,3 +358,43 @@ class FaultyDevice(SimulatedDevice):
             if len(valid):
                 outputs["start_logits"].reshape(-1)[valid[0]] = np.nan
         return outputs
+
+
+class MaskRewritingDevice(Device):
+    """Negative control: ``inner`` fed ``rewrite(attention_mask)`` instead of the real mask.
+
+    E.g. segment ids flattened to 0/1 (packed samples see each other) or all ones (padding is
+    attended to): the corruption an equivalence check must catch.
+    """
+
+    def __init__(
+        self, inner: Device, rewrite: Callable[[npt.NDArray[Any]], npt.NDArray[Any]]
+    ) -> None:
+        self.inner = inner
+        self.rewrite = rewrite
+
+    @property
+    def input_specs(self) -> Mapping[str, TensorSpec]:
+        return self.inner.input_specs
+
+    @property
+    def output_specs(self) -> Mapping[str, OutputSpec]:
+        return self.inner.output_specs
+
+    @property
+    def shapes(self) -> ShapeSet:
+        return self.inner.shapes
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def run(
+        self, feeds: Mapping[str, npt.NDArray[np.generic]]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        corrupted = dict(feeds)
+        mask = np.asarray(feeds["attention_mask"])
+        corrupted["attention_mask"] = self.rewrite(mask).astype(mask.dtype)
+        return self.inner.run(corrupted)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -8,7 +8,6 @@ model run on that sample alone (``[1, length]``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
@@ -22,14 +21,12 @@ from packrunner import (
     ConfigError,
     Device,
     OnnxDevice,
-    OutputSpec,
     PackRunner,
     RunnerConfig,
     ShapeSet,
-    TensorSpec,
 )
 from packrunner.models import default_model_path
-from tests._support import make_sample
+from tests._support import MaskRewritingDevice, make_sample
 
 TOLERANCE = 1e-5
 BUCKETS = ShapeSet.buckets([(64, 64), (32, 128), (16, 256)])
@@ -114,44 +111,15 @@ def test_one_file_per_bucket_equals_the_padded_run_alone() -> None:
     )
 
 
-class MergedSegmentsDevice(Device):
-    """Negative control: segment ids flattened to one 0/1 mask, so packed samples see each
-    other (the cross-contamination the equivalence check must catch)."""
-
-    def __init__(self, inner: OnnxDevice) -> None:
-        self.inner = inner
-
-    @property
-    def input_specs(self) -> Mapping[str, TensorSpec]:
-        return self.inner.input_specs
-
-    @property
-    def output_specs(self) -> Mapping[str, OutputSpec]:
-        return self.inner.output_specs
-
-    @property
-    def shapes(self) -> ShapeSet:
-        return self.inner.shapes
-
-    def open(self) -> None:
-        self.inner.open()
-
-    def run(self, feeds: Mapping[str, npt.NDArray[np.generic]]) -> dict[str, Any]:
-        merged = dict(feeds)
-        merged["attention_mask"] = (np.asarray(feeds["attention_mask"], np.int32) > 0).astype(
-            np.int32
-        )
-        return self.inner.run(merged)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 @pytest.mark.parametrize("shapes", [BUCKETS, DYNAMIC], ids=["buckets", "dynamic"])
 def test_negative_control_the_check_bites(shapes: ShapeSet) -> None:
     rng = np.random.default_rng(7)
     samples = [make_sample(rng, int(n)) for n in rng.integers(1, 20, size=40)]
-    results = served(MergedSegmentsDevice(dynamic_device(shapes)), samples)
+    results = served(
+        # Segment ids flattened to one 0/1 mask: packed samples see each other.
+        MaskRewritingDevice(dynamic_device(shapes), lambda mask: mask > 0),
+        samples,
+    )
     assert max_diff(samples, results) > 1e-2
 
 

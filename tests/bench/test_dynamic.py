@@ -25,8 +25,9 @@ from packrunner.bench.dynamic import DynamicStrategy, plan_dynamic, run_dynamic
 from packrunner.bench.offline import plan_dataset, run_offline
 from packrunner.cli import main as cli_main
 from packrunner.config import InputForm, PackAlgorithm, RunnerConfig
-from packrunner.devices.base import Device, OutputSpec, TensorSpec
+from packrunner.devices.base import Device
 from packrunner.models import minilm_checkpoint_dir
+from tests._support import MaskRewritingDevice
 
 ROWS, WIDTH, CAP = 4, 32, 8
 T = TypeVar("T")
@@ -126,34 +127,6 @@ def _peer_results(
     return on_own_thread(run)
 
 
-class AttendsToPadding(Device):
-    """Negative control: the dynamic device fed an all-ones mask (padding attended to)."""
-
-    def __init__(self, inner: Device) -> None:
-        self.inner = inner
-
-    @property
-    def input_specs(self) -> Mapping[str, TensorSpec]:
-        return self.inner.input_specs
-
-    @property
-    def output_specs(self) -> Mapping[str, OutputSpec]:
-        return self.inner.output_specs
-
-    def open(self) -> None:
-        self.inner.open()
-
-    def close(self) -> None:
-        self.inner.close()
-
-    def run(
-        self, feeds: Mapping[str, npt.NDArray[np.generic]]
-    ) -> dict[str, npt.NDArray[np.generic]]:
-        corrupted = dict(feeds)
-        corrupted["attention_mask"] = np.ones_like(feeds["attention_mask"])
-        return self.inner.run(corrupted)
-
-
 @pytest.fixture(scope="module", params=["default", "minilm"])
 def devices(request: pytest.FixtureRequest) -> DeviceSet:
     checkpoint = minilm_checkpoint_dir() if request.param == "minilm" else None
@@ -173,7 +146,7 @@ def test_every_peer_equals_the_padded_run(devices: DeviceSet, distribution: str)
         assert _max_abs_diff(expected, actual) <= TOLERANCE, strategy
     # Negative control: attending to the padding moves every sample shorter than its batch.
     corrupted = _peer_results(
-        AttendsToPadding(devices.make_dynamic()), samples, DynamicStrategy.FIFO
+        MaskRewritingDevice(devices.make_dynamic(), np.ones_like), samples, DynamicStrategy.FIFO
     )
     assert _max_abs_diff(expected, corrupted) > 100 * TOLERANCE
 
