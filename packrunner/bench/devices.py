@@ -200,7 +200,9 @@ class DeviceSet:
             seq_len=self.seq_len,
             intra_op_num_threads=self.threads,
             shapes=ShapeSet.dynamic(
-                max_rows=max(self.batch_size, budget // 16), max_width=self.seq_len
+                max_rows=max(self.batch_size, budget // 16),
+                max_width=self.seq_len,
+                max_tokens=budget,
             ),
         )
 
